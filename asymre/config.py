@@ -1,0 +1,257 @@
+"""One typed config tree for every recipe, loaded from YAML with dotted CLI overrides.
+
+Design choice: dataclasses checked by OmegaConf's structured configs (unknown keys and wrong types
+fail, naming the key) rather than a home-made parser; the alternative, argparse flags per field,
+does not nest. Every field has a default (the paper's, where it has one) and a one-line help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for recipes)
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m-instruct", "Model: 'smollm2-135m-instruct' (embedded), a hub id, or a local folder.")
+    dtype: str = _f("float32", "Weights dtype for learner and engine: float32, bfloat16 or float16 (float32 on CPU).")
+    cache_dir: str | None = _f(None, "Where the embedded model is converted to (default $ASYMRE_CACHE or ~/.cache/asymre).")
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory in the learner's forward.")
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f("arithmetic", "Task: 'arithmetic' (built in), 'gsm8k', 'math', or 'file'.")
+    path: str | None = _f(None, "Dataset: hub id or local JSONL/parquet path (gsm8k, math, file tasks).")
+    train_size: int = _f(2000, "Number of training prompts (arithmetic task) or cap on rows (others; 0 = all).")
+    eval_size: int = _f(200, "Number of held-out evaluation prompts.")
+    max_operand: int = _f(9, "Arithmetic task: operands are drawn from 0..max_operand.")
+    operations: list[str] = _f(["+"], "Arithmetic task: operators to draw from (+, -, *).")
+    system_prompt: str | None = _f(None, "Optional system message put before every prompt.")
+    prompt_column: str = _f("prompt", "File task: the column holding the prompt.")
+    answer_column: str = _f("answer", "File task: the column holding the reference answer.")
+    seed: int = _f(0, "Seed for building and shuffling the task's prompts.")
+
+
+@dataclass
+class RewardConfig:
+    funcs: list[str] = _f(["numeric"], "Reward functions: registry names or dotted paths 'pkg.mod:fn'.")
+    weights: list[float] = _f([], "Weight per reward function (empty = all 1.0).")
+    scale: str = _f("01", "Binary reward scale: '01' (0/1, the paper's) or 'pm1' (-1/+1).")
+    timeout_s: float = _f(10.0, "Per-call timeout of a reward function; samples of a call past it are dropped.")
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = _f("auto", "Generation engine: 'vllm', 'hf' (transformers generate), or 'auto' (vllm if installed).")
+    mode: str = _f("colocated", "'colocated' (generate then train, one device) or 'async' (workers in their own processes).")
+    num_workers: int = _f(1, "Async mode: number of generation worker processes.")
+    prompts_per_step: int = _f(16, "Prompts drawn per generation round (the paper: 16).")
+    group_size: int = _f(8, "Samples per prompt, G (the paper: 8); the baseline is computed within a group.")
+    temperature: float = _f(1.0, "Training sampling temperature (the paper: 1.0).")
+    top_p: float = _f(1.0, "Training sampling top-p (the paper: 1.0).")
+    max_new_tokens: int = _f(2048, "Completion length cap (the paper: 2048).")
+    max_prompt_tokens: int = _f(1024, "Prompts longer than this are truncated from the left.")
+    gpu_memory_utilization: float = _f(0.5, "vLLM: share of GPU memory the engine may use.")
+    devices: list[int] = _f([], "vLLM on GPUs: device ids for generation workers (empty = colocated).")
+    server_urls: list[str] = _f([], "Remote vLLM servers (http://host:port) to use as workers (multi-node).")
+    worker_timeout_s: float = _f(600.0, "Async mode: a worker silent for this long is declared dead.")
+    max_worker_restarts: int = _f(2, "Async mode: restarts allowed per worker before the run stops.")
+    seed: int = _f(0, "Sampling seed.")
+
+
+@dataclass
+class BufferConfig:
+    capacity: int = _f(256, "Maximum number of groups held; the oldest are dropped past it.")
+    max_staleness: int = _f(1000, "Groups more than this many policy versions old are evicted (0 = on-policy).")
+    sampling: str = _f("fifo", "'fifo' (each group used once, oldest first) or 'reuse' (uniform, up to max_reuse uses).")
+    max_reuse: int = _f(1, "'reuse' sampling: how many times a group may be trained on.")
+    min_groups: int = _f(0, "Learner waits until this many groups are buffered (0 = one step's worth).")
+
+
+@dataclass
+class LossConfig:
+    name: str = _f("asymre", "'asymre' (the paper), 'grpo' (ratio-clipped, needs behaviour log-probs) or 'reinforce' (V = 0).")
+    baseline: str = _f("group_mean", "AsymRE baseline: group_mean, leave_one_out, constant, running.")
+    delta_v: float = _f(-0.1, "delta_V added to the baseline (the paper: -0.1; >= 0 collapses off-policy).")
+    delta_v_final: float | None = _f(None, "If set, delta_V moves linearly to this value over delta_v_steps.")
+    delta_v_steps: int = _f(0, "Length of the delta_V schedule in learner steps.")
+    constant_v: float = _f(0.0, "V for baseline=constant (delta_V is added too).")
+    running_momentum: float = _f(0.9, "baseline=running: EMA momentum of the per-prompt reward estimate.")
+    aggregation: str = _f("seq_mean", "'seq_mean' (sum over tokens, mean over sequences: the paper) or 'token_mean'.")
+    clip_eps: float = _f(0.2, "GRPO: ratio clipping epsilon.")
+
+
+@dataclass
+class LearnerConfig:
+    steps: int = _f(100, "Learner optimiser steps.")
+    lr: float = _f(6e-8, "AdamW learning rate (the paper: 6e-8 for 3B-8B models).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    warmup_steps: int = _f(0, "Linear LR warm-up steps.")
+    lr_schedule: str = _f("constant", "'constant', 'linear' or 'cosine' decay after warm-up.")
+    groups_per_step: int = _f(16, "Groups (prompts) per learner step (the paper: 16 x G=8 = 128 trajectories).")
+    micro_batch_tokens: int = _f(4096, "Token budget of one micro-batch (sequences are packed by length).")
+    seed: int = _f(0, "Seed of the learner and data order.")
+
+
+@dataclass
+class SyncConfig:
+    interval: int = _f(250, "Push learner weights to the engines every N learner steps (the paper's N = 250).")
+    method: str = _f("auto", "'auto', 'inprocess' (colocated engine), 'disk' (safetensors) or 'nccl'.")
+    timeout_s: float = _f(300.0, "A push or wait longer than this fails with an error.")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(0, "Evaluate every N learner steps (0 = only at start and end).")
+    at_start: bool = _f(True, "Evaluate before training.")
+    at_end: bool = _f(True, "Evaluate after training.")
+    preset: str = _f("greedy", "'greedy' or 'paper' (T = 0.1, top-p 0.95).")
+    k: int = _f(1, "Samples per prompt for pass@k (1 = pass@1 only).")
+    max_new_tokens: int = _f(2048, "Completion length cap at evaluation.")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(0, "Checkpoint every N learner steps (0 = only at the end).")
+    keep_last: int = _f(2, "Checkpoints kept in the run folder.")
+    save_final_model: bool = _f(True, "Write the final model as a Hugging Face folder in the run folder.")
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = _f("runs/${logging.run_name}", "Run folder: metrics.jsonl, checkpoints, final model.")
+    run_name: str = _f("asymre", "Run name (wandb too).")
+    report_to: list[str] = _f([], "Trackers besides metrics.jsonl: 'wandb'.")
+    project: str = _f("asymre", "wandb project.")
+    tags: list[str] = _f([], "wandb tags.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_CHOICES = {
+    "model.dtype": {"float32", "bfloat16", "float16"},
+    "rollout.backend": {"auto", "vllm", "hf"},
+    "rollout.mode": {"colocated", "async"},
+    "buffer.sampling": {"fifo", "reuse"},
+    "loss.name": {"asymre", "grpo", "reinforce"},
+    "loss.baseline": {"group_mean", "leave_one_out", "constant", "running"},
+    "loss.aggregation": {"seq_mean", "token_mean"},
+    "learner.lr_schedule": {"constant", "linear", "cosine"},
+    "sync.method": {"auto", "inprocess", "disk", "nccl"},
+    "eval.preset": {"greedy", "paper"},
+    "reward.scale": {"01", "pm1"},
+}
+_POSITIVE = ["rollout.prompts_per_step", "rollout.group_size", "rollout.max_new_tokens", "learner.steps",
+             "learner.groups_per_step", "learner.micro_batch_tokens", "sync.interval", "buffer.capacity",
+             "buffer.max_reuse", "rollout.num_workers"]
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that types alone cannot express; raises ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {sorted(choices)}")
+    for key in _POSITIVE:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    if cfg.buffer.max_staleness < 0:
+        raise ConfigError(f"buffer.max_staleness={cfg.buffer.max_staleness} must be >= 0")
+    if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.funcs):
+        raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} entries for {len(cfg.reward.funcs)} reward.funcs")
+    if len(cfg.learner.betas) != 2:
+        raise ConfigError(f"learner.betas={cfg.learner.betas} must have two entries")
+    if cfg.loss.name == "grpo" and cfg.rollout.group_size < 2:
+        raise ConfigError("loss.name=grpo needs rollout.group_size >= 2 (it normalises within a group)")
+    return cfg
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{source}: bad config key '{key}': {msg}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted `key=value` overrides; returns a validated `Config`."""
+    base = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        layers.append((OmegaConf.load(p), str(p)))
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. learner.lr=1e-5)")
+        layers.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
+    try:
+        merged = base
+        for layer, source in layers:
+            try:
+                merged = OmegaConf.merge(merged, layer)
+            except OmegaConfBaseException as e:
+                raise _explain(e, source) from None
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _explain(e, "config") from None
+    return validate(cfg)  # type: ignore[arg-type]
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf field: for docs and `--help`."""
+    rows: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+            sub = {c.__name__: c for c in (ModelConfig, TaskConfig, RewardConfig, RolloutConfig, BufferConfig, LossConfig,
+                                           LearnerConfig, SyncConfig, EvalConfig, CheckpointConfig, LoggingConfig)}[f.type if isinstance(f.type, str) else f.type.__name__]
+            rows += describe(sub, key + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((key, default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,78 @@
+"""The data contract: the only objects that cross a role boundary (rollout -> rewards -> buffer -> learner).
+
+Design choice: plain dataclasses of Python lists (picklable across processes, cheap to checkpoint as
+JSON) rather than tensors; the learner builds tensors once, at collation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Prompt:
+    """One task item: the chat messages to generate from and the columns a reward may read."""
+
+    uid: str  # stable id (used by the per-prompt running baseline and for resume)
+    messages: list[dict[str, str]]  # chat messages, e.g. [{"role": "user", "content": "What is 3 + 5?"}]
+    columns: dict[str, Any] = field(default_factory=dict)  # reference answer and any dataset columns
+
+
+@dataclass
+class Trajectory:
+    """One sampled completion of a prompt, tagged with the policy version that produced it."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" or "length"
+    version: int  # behaviour policy version (learner step of the weights the engine held)
+    logprobs: list[float] | None = None  # behaviour log-probs of completion tokens, when the engine gives them
+    reward: float | None = None  # None until scored, or when every reward function abstained/failed
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass
+class TrajectoryGroup:
+    """The G samples of one prompt. They stay together: the baseline is computed within the group."""
+
+    prompt: Prompt
+    trajectories: list[Trajectory]
+    version: int  # behaviour version of every trajectory in the group
+    uses: int = 0  # times the learner has trained on this group
+
+    @property
+    def rewards(self) -> list[float | None]:
+        return [t.reward for t in self.trajectories]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "TrajectoryGroup":
+        return TrajectoryGroup(
+            prompt=Prompt(**d["prompt"]),
+            trajectories=[Trajectory(**t) for t in d["trajectories"]],
+            version=d["version"],
+            uses=d.get("uses", 0),
+        )
+
+
+@dataclass
+class Batch:
+    """What the learner trains on in one step: scored groups plus the learner version they were drawn at."""
+
+    groups: list[TrajectoryGroup]
+    learner_version: int
+
+    @property
+    def staleness(self) -> list[int]:
+        return [self.learner_version - g.version for g in self.groups]
+
+    @property
+    def num_trajectories(self) -> int:
+        return sum(len(g.trajectories) for g in self.groups)

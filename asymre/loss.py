@@ -1,0 +1,121 @@
+"""Policy-gradient losses as pure tensor functions: tensors in, (loss, metrics) out.
+
+AsymRE (Arnal et al. 2025, Eq. 3-4): maximise  J(pi) = E_{x, y~mu}[(r(x,y) - V) * log pi(y|x)],
+so the loss is  -(r - V) * log pi(y|x)  with log pi(y|x) = sum of the completion's token log-probs.
+No importance ratio, no clipping, no KL, no reference model: the behaviour policy mu enters only
+through which samples were drawn. Lowering V puts weight on successes; V >= V^mu collapses.
+
+Comparison losses for the paper's experiments: GRPO (group-normalised advantage, PPO-style clipped
+ratio pi/mu, needs behaviour log-probs) and plain REINFORCE (V = 0).
+
+Aggregation: 'seq_mean' (default; the paper's maths) sums token terms per sequence and averages over
+sequences; 'token_mean' (Trinity-RFT style) averages over all completion tokens. For micro-batching,
+pass `normalizer` = the whole step's sequence count (seq_mean) or token count (token_mean) so that
+summing micro-batch losses gives the full-batch loss exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log pi(label_t | prefix) for each position. logits [B, T, V] predict labels [B, T] -> [B, T].
+
+    Memory-lean: log-softmax via logsumexp, gathered, no [B, T, V] log-prob tensor kept.
+    """
+    logits = logits.float()  # [B, T, V]
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    return picked - torch.logsumexp(logits, dim=-1)  # [B, T]
+
+
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, normalizer: float | None) -> torch.Tensor:
+    """per_token [B, T], mask [B, T] -> scalar."""
+    masked = per_token * mask  # [B, T]
+    if aggregation == "seq_mean":
+        denom = normalizer if normalizer is not None else mask.shape[0]
+        return masked.sum() / max(denom, 1)
+    if aggregation == "token_mean":
+        denom = normalizer if normalizer is not None else mask.sum().item()
+        return masked.sum() / max(denom, 1)
+    raise ValueError(f"unknown aggregation {aggregation!r}; expected 'seq_mean' or 'token_mean'")
+
+
+def _advantage_metrics(adv: torch.Tensor, seq_logp: torch.Tensor, prefix: str) -> dict[str, float]:
+    """adv [B], seq_logp [B]: what a user watches for asymmetry and collapse."""
+    abs_total = adv.abs().sum().clamp(min=1e-12)
+    return {
+        f"{prefix}/advantage_mean": adv.mean().item(),
+        f"{prefix}/frac_positive": (adv > 0).float().mean().item(),
+        f"{prefix}/frac_negative": (adv < 0).float().mean().item(),
+        f"{prefix}/positive_weight_share": (adv.clamp(min=0).sum() / abs_total).item(),
+        f"{prefix}/logprob_mean": seq_logp.mean().item(),
+    }
+
+
+def asymre_loss(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    baseline: torch.Tensor,
+    aggregation: str = "seq_mean",
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Asymmetric REINFORCE:  loss = -(r - V) * log pi(y|x).
+
+    logp [B, T] token log-probs under the current policy; mask [B, T] 1 on completion tokens, 0 on
+    prompt and padding; rewards [B]; baseline V [B] (already including delta_V).
+    """
+    mask = mask.to(logp.dtype)  # [B, T]
+    adv = (rewards - baseline).detach().to(logp.dtype)  # [B]
+    per_token = -adv[:, None] * logp  # [B, T]
+    loss = _aggregate(per_token, mask, aggregation, normalizer)
+    seq_logp = (logp.detach() * mask).sum(-1)  # [B]
+    metrics = _advantage_metrics(adv, seq_logp, "loss")
+    metrics["loss/baseline_mean"] = baseline.float().mean().item()
+    return loss, metrics
+
+
+def reinforce_loss(
+    logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, aggregation: str = "seq_mean", normalizer: float | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Plain REINFORCE: AsymRE with V = 0.  logp [B, T], mask [B, T], rewards [B]."""
+    return asymre_loss(logp, mask, rewards, torch.zeros_like(rewards), aggregation, normalizer)
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.2,
+    aggregation: str = "seq_mean",
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO / PPO-clip surrogate without KL:  loss = -min(rho * A, clip(rho, 1-eps, 1+eps) * A),
+    rho = pi(y_t) / mu(y_t) per token.
+
+    logp [B, T] current token log-probs; old_logp [B, T] behaviour (mu) token log-probs;
+    mask [B, T]; advantages [B] (e.g. (r - group mean) / (group std + eps)).
+    """
+    mask_f = mask.to(logp.dtype)  # [B, T]
+    adv = advantages.detach().to(logp.dtype)[:, None]  # [B, 1]
+    log_ratio = (logp - old_logp.detach()) * mask_f  # [B, T]
+    ratio = torch.exp(log_ratio)  # [B, T]
+    unclipped = ratio * adv  # [B, T]
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv  # [B, T]
+    per_token = -torch.minimum(unclipped, clipped)  # [B, T]
+    loss = _aggregate(per_token, mask_f, aggregation, normalizer)
+    seq_logp = (logp.detach() * mask_f).sum(-1)  # [B]
+    metrics = _advantage_metrics(advantages.detach().float(), seq_logp, "loss")
+    n_tok = mask_f.sum().clamp(min=1)
+    metrics["loss/clip_frac"] = (((ratio - 1).abs() > clip_eps).to(logp.dtype) * mask_f).sum().item() / n_tok.item()
+    metrics["loss/ratio_mean"] = ((ratio * mask_f).sum() / n_tok).item()
+    return loss, metrics
+
+
+def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(r - group mean) / (group std + eps). rewards [B], group_ids [B] -> [B]."""
+    from asymre.baselines import group_mean, group_std
+
+    return (rewards - group_mean(rewards, group_ids)) / (group_std(rewards, group_ids) + eps)  # [B]

@@ -1,0 +1,86 @@
+"""Built-in reward functions. Each has TRL's shape: f(prompts, completions, **columns) -> list[float | None].
+
+`prompts` and `completions` are strings (completion text only); dataset columns (e.g. `answer`) come
+as keyword lists aligned with them. `None` means "not applicable" and drops the sample from that
+function's vote.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _to_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def extract_number(text: str) -> float | None:
+    """GSM8K style: the number after '####' if there is one, else the last number in the text."""
+    if "####" in text:
+        text = text.split("####")[-1]
+    found = _NUMBER.findall(text)
+    return _to_number(found[-1]) if found else None
+
+
+def numeric(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
+    """1.0 if the completion's final number equals the reference answer's, else 0.0."""
+    if answer is None:
+        raise ValueError("reward 'numeric' needs an 'answer' column")
+    out: list[float | None] = []
+    for c, a in zip(completions, answer):
+        ref = extract_number(str(a))
+        got = extract_number(c)
+        out.append(None if ref is None else float(got is not None and abs(got - ref) < 1e-6))
+    return out
+
+
+def math_verify(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
+    """MATH answers: the completion's boxed/final answer checked against the reference with `math-verify`
+    (symbolic equivalence: \\frac{1}{2} == 0.5, \\sqrt{8} == 2\\sqrt{2})."""
+    from math_verify import parse, verify
+
+    if answer is None:
+        raise ValueError("reward 'math_verify' needs an 'answer' column")
+    out: list[float | None] = []
+    for c, a in zip(completions, answer):
+        ref_text = str(a) if "$" in str(a) or "\\boxed" in str(a) else f"${a}$"
+        gold = parse(ref_text)
+        if not gold:
+            out.append(None)
+            continue
+        pred = parse(c)
+        out.append(float(bool(pred) and verify(gold, pred)))
+    return out
+
+
+_BOXED = re.compile(r"\\boxed\{.+\}", re.S)
+
+
+def boxed_format(prompts: list[str], completions: list[str], **_) -> list[float | None]:
+    """1.0 if the completion puts a final answer in \\boxed{...}, else 0.0."""
+    return [float(bool(_BOXED.search(c))) for c in completions]
+
+
+def just_number_format(prompts: list[str], completions: list[str], **_) -> list[float | None]:
+    """1.0 if the completion is only a number (the arithmetic task's instruction), else 0.0."""
+    return [float(bool(re.fullmatch(r"\s*-?\d+(?:\.\d+)?\s*\.?\s*", c))) for c in completions]
+
+
+def length_penalty(prompts: list[str], completions: list[str], max_chars: int = 2000, **_) -> list[float | None]:
+    """-len/max_chars, clipped to [-1, 0]: pair with a weight to discourage rambling."""
+    return [-min(len(c) / max_chars, 1.0) for c in completions]
+
+
+REGISTRY = {
+    "numeric": numeric,
+    "math_verify": math_verify,
+    "boxed_format": boxed_format,
+    "just_number_format": just_number_format,
+    "length_penalty": length_penalty,
+}
+BINARY = {"numeric", "math_verify", "boxed_format", "just_number_format"}
