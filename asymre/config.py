@@ -42,6 +42,7 @@ class TaskConfig:
     eval_size: int = _f(200, "Number of held-out evaluation prompts.")
     max_operand: int = _f(9, "Arithmetic task: operands are drawn from 0..max_operand.")
     operations: list[str] = _f(["+"], "Arithmetic task: operators to draw from (+, -, *).")
+    template: str = _f("What is {a} {op} {b}? Answer with just the number.", "Arithmetic task: the question, with {a}, {op}, {b}.")
     system_prompt: str | None = _f(None, "Optional system message put before every prompt.")
     prompt_column: str = _f("prompt", "File task: the column holding the prompt.")
     answer_column: str = _f("answer", "File task: the column holding the reference answer.")
@@ -58,7 +59,7 @@ class RewardConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("auto", "Generation engine: 'vllm', 'hf' (transformers generate), or 'auto' (vllm if installed).")
+    backend: str = _f("auto", "Generation engine: 'vllm', 'hf' (transformers generate), 'auto' (vllm if installed), or 'pkg.mod:factory'.")
     mode: str = _f("colocated", "'colocated' (generate then train, one device) or 'async' (workers in their own processes).")
     num_workers: int = _f(1, "Async mode: number of generation worker processes.")
     prompts_per_step: int = _f(16, "Prompts drawn per generation round (the paper: 16).")
@@ -67,7 +68,8 @@ class RolloutConfig:
     top_p: float = _f(1.0, "Training sampling top-p (the paper: 1.0).")
     max_new_tokens: int = _f(2048, "Completion length cap (the paper: 2048).")
     max_prompt_tokens: int = _f(1024, "Prompts longer than this are truncated from the left.")
-    gpu_memory_utilization: float = _f(0.5, "vLLM: share of GPU memory the engine may use.")
+    gpu_memory_utilization: float = _f(0.5, "vLLM on GPU: share of GPU memory the engine may use.")
+    kv_cache_gb: float = _f(1.0, "vLLM on CPU: KV-cache size in GiB.")
     devices: list[int] = _f([], "vLLM on GPUs: device ids for generation workers (empty = colocated).")
     server_urls: list[str] = _f([], "Remote vLLM servers (http://host:port) to use as workers (multi-node).")
     worker_timeout_s: float = _f(600.0, "Async mode: a worker silent for this long is declared dead.")
@@ -114,7 +116,7 @@ class LearnerConfig:
 @dataclass
 class SyncConfig:
     interval: int = _f(250, "Push learner weights to the engines every N learner steps (the paper's N = 250).")
-    method: str = _f("auto", "'auto', 'inprocess' (colocated engine), 'disk' (safetensors) or 'nccl'.")
+    method: str = _f("auto", "'auto' (inprocess when colocated, else disk), 'inprocess' (colocated engine) or 'disk' (safetensors folder).")
     timeout_s: float = _f(300.0, "A push or wait longer than this fails with an error.")
 
 
@@ -162,14 +164,13 @@ class Config:
 
 _CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16"},
-    "rollout.backend": {"auto", "vllm", "hf"},
     "rollout.mode": {"colocated", "async"},
     "buffer.sampling": {"fifo", "reuse"},
     "loss.name": {"asymre", "grpo", "reinforce"},
     "loss.baseline": {"group_mean", "leave_one_out", "constant", "running"},
     "loss.aggregation": {"seq_mean", "token_mean"},
     "learner.lr_schedule": {"constant", "linear", "cosine"},
-    "sync.method": {"auto", "inprocess", "disk", "nccl"},
+    "sync.method": {"auto", "inprocess", "disk"},
     "eval.preset": {"greedy", "paper"},
     "reward.scale": {"01", "pm1"},
 }
@@ -194,8 +195,13 @@ def validate(cfg: Config) -> Config:
     for key in _POSITIVE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    if cfg.rollout.backend not in ("auto", "vllm", "hf") and ":" not in cfg.rollout.backend:
+        raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not one of auto, vllm, hf, or a 'pkg.module:factory' path")
     if cfg.buffer.max_staleness < 0:
         raise ConfigError(f"buffer.max_staleness={cfg.buffer.max_staleness} must be >= 0")
+    if cfg.buffer.max_staleness < cfg.sync.interval - 1:
+        raise ConfigError(f"buffer.max_staleness={cfg.buffer.max_staleness} is below sync.interval - 1 = {cfg.sync.interval - 1}: "
+                          "between two weight pushes the engine's groups grow that stale, so the learner would starve")
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.funcs):
         raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} entries for {len(cfg.reward.funcs)} reward.funcs")
     if len(cfg.learner.betas) != 2:

@@ -36,6 +36,8 @@ def test_yaml_and_overrides_merge(tmp_path):
         (["loss.baseline=median"], "loss.baseline"),
         (["rollout.group_size=0"], "rollout.group_size"),
         (["reward.weights=[1,2]"], "reward.weights"),
+        (["sync.interval=8", "buffer.max_staleness=3"], "buffer.max_staleness"),
+        (["rollout.backend=tensorrt"], "rollout.backend"),
     ],
 )
 def test_bad_override_names_the_key(overrides, key):

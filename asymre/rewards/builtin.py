@@ -39,6 +39,20 @@ def numeric(prompts: list[str], completions: list[str], answer: list[str] | None
     return out
 
 
+def first_number(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
+    """1.0 if the *first* number in the completion equals the reference: the answer must come first, as
+    "answer with just the number" asks ("5" or "5." pass; "2 + 3 = 5" does not)."""
+    if answer is None:
+        raise ValueError("reward 'first_number' needs an 'answer' column")
+    out: list[float | None] = []
+    for c, a in zip(completions, answer):
+        ref = extract_number(str(a))
+        found = _NUMBER.findall(c)
+        got = _to_number(found[0]) if found else None
+        out.append(None if ref is None else float(got is not None and abs(got - ref) < 1e-6))
+    return out
+
+
 def math_verify(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
     """MATH answers: the completion's boxed/final answer checked against the reference with `math-verify`
     (symbolic equivalence: \\frac{1}{2} == 0.5, \\sqrt{8} == 2\\sqrt{2})."""
@@ -78,9 +92,10 @@ def length_penalty(prompts: list[str], completions: list[str], max_chars: int = 
 
 REGISTRY = {
     "numeric": numeric,
+    "first_number": first_number,
     "math_verify": math_verify,
     "boxed_format": boxed_format,
     "just_number_format": just_number_format,
     "length_penalty": length_penalty,
 }
-BINARY = {"numeric", "math_verify", "boxed_format", "just_number_format"}
+BINARY = {"numeric", "first_number", "math_verify", "boxed_format", "just_number_format"}

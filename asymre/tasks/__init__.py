@@ -11,5 +11,44 @@ def build_task(task) -> tuple[list[Prompt], list[Prompt]]:
         from asymre.tasks import arithmetic
 
         return arithmetic.build(task.train_size, task.eval_size, task.max_operand, list(task.operations), task.seed,
-                                task.system_prompt)
+                                task.system_prompt, task.template)
     raise ValueError(f"task.name={task.name!r}: unknown task; built in: 'arithmetic'")
+
+
+class PromptStream:
+    """An endless, seeded stream of training prompts: reshuffled each epoch; its position is saved in
+    checkpoints so a resumed run sees the same prompts. `shard`/`num_shards` give each rank its own slice."""
+
+    def __init__(self, prompts: list[Prompt], seed: int = 0, shard: int = 0, num_shards: int = 1):
+        if not prompts:
+            raise ValueError("the task produced no training prompts")
+        self.prompts = prompts[shard::num_shards] or prompts
+        self.seed = seed
+        self.epoch = 0
+        self.pos = 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        import random
+
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed * 100003 + epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[Prompt]:
+        out = []
+        for _ in range(n):
+            if self.pos >= len(self._order):
+                self.epoch += 1
+                self.pos = 0
+                self._order = self._shuffled(self.epoch)
+            out.append(self.prompts[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._shuffled(self.epoch)

@@ -16,14 +16,14 @@ INSTRUCTION = "What is {a} {op} {b}? Answer with just the number."
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def make_prompt(a: int, op: str, b: int, system_prompt: str | None = None) -> Prompt:
+def make_prompt(a: int, op: str, b: int, system_prompt: str | None = None, template: str = INSTRUCTION) -> Prompt:
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": INSTRUCTION.format(a=a, op=op, b=b)})
+    messages.append({"role": "user", "content": template.format(a=a, op=op, b=b)})
     return Prompt(uid=f"arith:{a}{op}{b}", messages=messages, columns={"answer": str(_OPS[op](a, b))})
 
 
 def build(train_size: int, eval_size: int, max_operand: int = 9, operations: list[str] | None = None, seed: int = 0,
-          system_prompt: str | None = None) -> tuple[list[Prompt], list[Prompt]]:
+          system_prompt: str | None = None, template: str = INSTRUCTION) -> tuple[list[Prompt], list[Prompt]]:
     """Returns (train prompts, eval prompts). Eval takes a held-out share of the distinct problems;
     training cycles over the rest (with repetition when train_size exceeds them)."""
     ops = operations or ["+"]
@@ -37,4 +37,4 @@ def build(train_size: int, eval_size: int, max_operand: int = 9, operations: lis
     held_out, train_pool = problems[:n_eval], problems[n_eval:]
     train = [train_pool[i % len(train_pool)] for i in range(train_size)]
     rng.shuffle(train)
-    return ([make_prompt(*p, system_prompt) for p in train], [make_prompt(*p, system_prompt) for p in held_out])
+    return ([make_prompt(*p, system_prompt, template) for p in train], [make_prompt(*p, system_prompt, template) for p in held_out])

@@ -1,0 +1,213 @@
+"""The learner: an Accelerate-prepared model and optimiser that trains on scored trajectory groups.
+
+DDP, FSDP or DeepSpeed come from the accelerate config file, never from this code. A step computes the
+baseline over the whole step batch, then runs length-bucketed micro-batches (sequences sorted by
+length, packed up to `learner.micro_batch_tokens` padded tokens) with gradient accumulation, clips,
+and steps. Sequences are left-padded with explicit position ids, so only the last
+`max completion length + 1` positions go through the LM head (`logits_to_keep`): prompt logits are
+never computed. Alternative left out: padding-free packing, which needs flash-attention kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from asymre.baselines import RunningBaseline, compute_baseline, delta_v_at
+from asymre.config import Config
+from asymre.data import TrajectoryGroup
+from asymre.loss import asymre_loss, grpo_advantages, grpo_loss, reinforce_loss, token_logprobs
+from asymre.models import load_model
+
+
+@dataclass
+class StepBatch:
+    """A step's trajectories flattened, with per-sample targets computed over the whole step."""
+
+    seqs: list[list[int]]  # prompt + completion ids
+    completion_lens: list[int]
+    rewards: torch.Tensor  # [B]
+    targets: torch.Tensor  # [B] baseline V (asymre) or advantage (grpo)
+    old_logps: list[list[float]] | None  # behaviour log-probs (grpo)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.seqs)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        return 1.0 - frac if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+def bucket_by_length(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Indices grouped into micro-batches: sorted by length, each padded micro-batch <= token_budget
+    (a sequence longer than the budget gets a micro-batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and lengths[i] * (len(cur) + 1) > token_budget:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class Learner:
+    def __init__(self, cfg: Config, model_path: str, accelerator):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        model = load_model(model_path, cfg.model.dtype)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        lc = cfg.learner
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(lc.lr_schedule, lc.warmup_steps, lc.steps))
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.pad_id = 0
+        self.running = RunningBaseline(cfg.loss.running_momentum)
+        self.step = 0  # learner version: the number of optimiser steps taken
+
+    # ---- targets over the whole step -------------------------------------------------------------
+    def build_batch(self, groups: list[TrajectoryGroup]) -> StepBatch:
+        seqs, comp_lens, rewards, gids, old, uids = [], [], [], [], [], []
+        for g in groups:
+            scored = [t for t in g.trajectories if t.reward is not None and t.completion_ids]
+            if not scored:
+                continue
+            gi = len(uids)
+            uids.append(g.prompt.uid)
+            for t in scored:
+                seqs.append(t.prompt_ids + t.completion_ids)
+                comp_lens.append(len(t.completion_ids))
+                rewards.append(float(t.reward))
+                gids.append(gi)
+                old.append(t.logprobs)
+        if not seqs:
+            raise ValueError("learner step got no scored trajectories (every sample was dropped)")
+        r = torch.tensor(rewards, dtype=torch.float32)  # [B]
+        g = torch.tensor(gids, dtype=torch.long)  # [B]
+        lc = self.cfg.loss
+        if lc.name == "asymre":
+            dv = delta_v_at(self.step, lc.delta_v, lc.delta_v_final, lc.delta_v_steps)
+            targets = compute_baseline(lc.baseline, r, g, dv, lc.constant_v, self.running, uids)  # [B]
+        elif lc.name == "grpo":
+            if any(x is None for x in old):
+                raise ValueError("loss.name=grpo needs behaviour log-probs, but the generation backend returned none")
+            targets = grpo_advantages(r, g)  # [B]
+        else:
+            targets = torch.zeros_like(r)
+        return StepBatch(seqs, comp_lens, r, targets, old if lc.name == "grpo" else None)
+
+    # ---- one optimiser step ----------------------------------------------------------------------
+    def _collate(self, batch: StepBatch, idx: list[int]):
+        dev = self.accelerator.device
+        width = max(len(batch.seqs[i]) for i in idx)
+        keep = max(batch.completion_lens[i] for i in idx)  # positions whose next token is a completion token
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)  # [b, L] left-padded
+        attn = torch.zeros((len(idx), width), dtype=torch.long)  # [b, L]
+        for row, i in enumerate(idx):
+            s = batch.seqs[i]
+            ids[row, width - len(s):] = torch.tensor(s)
+            attn[row, width - len(s):] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [b, L]
+        labels = ids[:, width - keep:]  # [b, keep] the last `keep` tokens
+        mask = torch.zeros((len(idx), keep), dtype=torch.float32)  # [b, keep] 1 on completion tokens
+        old = torch.zeros((len(idx), keep), dtype=torch.float32) if batch.old_logps is not None else None  # [b, keep]
+        for row, i in enumerate(idx):
+            c = batch.completion_lens[i]
+            mask[row, keep - c:] = 1
+            if old is not None:
+                old[row, keep - c:] = torch.tensor(batch.old_logps[i][:c])
+        to = lambda x: None if x is None else x.to(dev)  # noqa: E731
+        return to(ids), to(attn), to(pos), to(labels), to(mask), to(old), keep
+
+    def _micro_loss(self, batch: StepBatch, idx: list[int], normalizer: float):
+        ids, attn, pos, labels, mask, old, keep = self._collate(batch, idx)
+        # logits for positions L-keep-1 .. L-2 predict tokens L-keep .. L-1
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep + 1, use_cache=False)
+        logits = out.logits[:, :-1]  # [b, keep, V]
+        logp = token_logprobs(logits, labels)  # [b, keep]
+        sel = torch.tensor(idx)
+        lc = self.cfg.loss
+        r = batch.rewards[sel].to(logp.device)  # [b]
+        tgt = batch.targets[sel].to(logp.device)  # [b]
+        if lc.name == "asymre":
+            return asymre_loss(logp, mask, r, tgt, lc.aggregation, normalizer)
+        if lc.name == "grpo":
+            return grpo_loss(logp, old, mask, tgt, lc.clip_eps, lc.aggregation, normalizer)
+        return reinforce_loss(logp, mask, r, lc.aggregation, normalizer)
+
+    def train_step(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
+        """One optimiser step on `groups` (this rank's share). Returns metrics."""
+        t0 = time.perf_counter()
+        batch = self.build_batch(groups)
+        lc, acc = self.cfg.loss, self.accelerator
+        normalizer = len(batch.seqs) if lc.aggregation == "seq_mean" else float(sum(batch.completion_lens))
+        micro = bucket_by_length([len(s) for s in batch.seqs], self.cfg.learner.micro_batch_tokens)
+        # Every rank must run the same number of backward passes (DDP all-reduces on the last one).
+        n_local = torch.tensor([len(micro)], device=acc.device)
+        n_max = int(acc.gather(n_local).max().item()) if acc.num_processes > 1 else len(micro)
+        plan = [(m, 1.0) for m in micro] + [(micro[-1], 0.0)] * (n_max - len(micro))
+        self.model.train()
+        sums: dict[str, float] = {}
+        total_loss = 0.0
+        for k, (idx, weight) in enumerate(plan):
+            last = k == len(plan) - 1
+            ctx = acc.no_sync(self.model) if (not last and acc.num_processes > 1) else nullcontext()
+            with ctx:
+                loss, m = self._micro_loss(batch, idx, normalizer)
+                acc.backward(loss * weight)
+            if weight:
+                total_loss += loss.item()
+                for key, v in m.items():
+                    sums[key] = sums.get(key, 0.0) + v * len(idx)
+        grad_norm = float("nan")
+        if self.cfg.learner.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        secs = time.perf_counter() - t0
+        metrics = {k: v / len(batch.seqs) for k, v in sums.items()}
+        metrics.update({
+            "loss/value": total_loss, "learner/grad_norm": grad_norm, "learner/lr": self.scheduler.get_last_lr()[0],
+            "learner/trajectories": float(len(batch.seqs)), "learner/micro_batches": float(len(micro)),
+            "perf/learner_seconds": secs, "perf/learner_tokens": float(batch.num_tokens),
+            "perf/learner_tokens_per_s": batch.num_tokens / secs,
+            "learner/padding_frac": 1.0 - batch.num_tokens / sum(len(idx) * max(len(batch.seqs[i]) for i in idx) for idx in micro),
+        })
+        return metrics
+
+    # ---- weights out -----------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Hugging Face-named full weights (gathered under FSDP/DeepSpeed). Collective: call on every rank."""
+        return self.accelerator.get_state_dict(self.model)
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def save_model(self, folder: str, tokenizer=None) -> None:
+        acc = self.accelerator
+        state = acc.get_state_dict(self.model)
+        if acc.is_main_process:
+            self.unwrapped().save_pretrained(folder, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+        acc.wait_for_everyone()

@@ -1,0 +1,98 @@
+"""transformers `generate` backend: for machines without vLLM, and the reference for exact resume.
+
+Slower than vLLM (no paged attention, padded batches) but dependable everywhere. It holds its own copy
+of the model (the behaviour policy), separate from the learner's, so staleness is real.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from asymre.data import Prompt, Trajectory, TrajectoryGroup
+from asymre.models import load_model, load_tokenizer
+from asymre.rollout.base import SamplingSpec, Weights, encode_prompts, eos_token_ids, trim_completion
+
+
+class HFGenerator:
+    def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None, max_prompt_tokens: int = 1024,
+                 batch_size: int = 64):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_model(model_path, dtype).to(self.device).eval()
+        self.eos = eos_token_ids(self.tokenizer, self.model.generation_config)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.batch_size = batch_size  # sequences per generate call
+        self.version = 0
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
+        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
+        per_call = max(1, self.batch_size // spec.n)
+        groups: list[TrajectoryGroup] = []
+        gen = torch.Generator(device="cpu")
+        if spec.seed is not None:
+            gen.manual_seed(spec.seed)
+        for start in range(0, len(prompts), per_call):
+            chunk = ids[start : start + per_call]
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) if spec.seed is not None else None
+            trajs = self._generate_chunk(chunk, spec, seed)
+            for j, p in enumerate(prompts[start : start + per_call]):
+                groups.append(TrajectoryGroup(prompt=p, trajectories=trajs[j * spec.n : (j + 1) * spec.n], version=self.version))
+        return groups
+
+    def _generate_chunk(self, chunk: list[list[int]], spec: SamplingSpec, seed: int | None) -> list[Trajectory]:
+        width = max(len(x) for x in chunk)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=self.device)  # [P, L] left-padded
+        attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=self.device)  # [P, L]
+        greedy = spec.temperature == 0.0
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs = dict(max_new_tokens=spec.max_new_tokens, num_return_sequences=spec.n, pad_token_id=pad,
+                      eos_token_id=sorted(self.eos), return_dict_in_generate=True, output_scores=spec.logprobs)
+        if greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
+        new = out.sequences[:, width:]  # [P*n, T]
+        logps = None
+        if spec.logprobs:
+            logps = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)  # [P*n, T]
+        trajs = []
+        for row in range(new.shape[0]):
+            comp, reason = trim_completion(new[row].tolist(), self.eos, pad)
+            trajs.append(Trajectory(
+                prompt_ids=chunk[row // spec.n], completion_ids=comp,
+                text=self.tokenizer.decode(comp, skip_special_tokens=True), finish_reason=reason, version=self.version,
+                logprobs=logps[row, : len(comp)].tolist() if logps is not None else None))
+        return trajs
+
+    @torch.no_grad()
+    def logprobs_of(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        """The engine's log-probs of a given completion (teacher-forced)."""
+        from asymre.loss import token_logprobs
+
+        seq = torch.tensor([prompt_ids + completion_ids], device=self.device)  # [1, L]
+        lp = token_logprobs(self.model(input_ids=seq).logits[:, :-1], seq[:, 1:])  # [1, L-1]
+        return lp[0, -len(completion_ids):].tolist()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Weights | str, version: int) -> None:
+        if isinstance(weights, str):
+            from asymre.sync import read_weights_folder
+
+            weights = read_weights_folder(weights)
+        params = self.model.state_dict()
+        seen = 0
+        for name, tensor in weights:
+            if name not in params:
+                raise KeyError(f"weight push: parameter {name!r} is not in the engine's model")
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            seen += 1
+        if seen == 0:
+            raise ValueError("weight push carried no parameters")
+        self.version = version
+
+    def close(self) -> None:
+        self.model = None

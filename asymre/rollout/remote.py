@@ -1,0 +1,70 @@
+"""A remote vLLM server as a generation worker (multi-node: generation on other hosts).
+
+Start each server with the dev endpoints on (`VLLM_SERVER_DEV_MODE=1 vllm serve MODEL`); generation goes
+through its OpenAI-compatible `/v1/completions` with token-id prompts, and weight pushes through
+`/collective_rpc` -> `reload_weights(weights_path=...)` then `/reset_prefix_cache`. The weight folder
+must be on storage the server can read (the 'disk' sync method). Plain HTTP with the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from asymre.data import Prompt, Trajectory, TrajectoryGroup
+from asymre.models import load_tokenizer
+from asymre.rollout.base import SamplingSpec, encode_prompts
+
+
+class RemoteVLLMGenerator:
+    remote = True
+
+    def __init__(self, url: str, model_path: str, max_prompt_tokens: int = 1024, timeout_s: float = 600.0):
+        self.url = url.rstrip("/")
+        self.tokenizer = load_tokenizer(model_path)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.timeout_s = timeout_s
+        self.version = 0
+        self.model_name = self._post_get("/v1/models")["data"][0]["id"]
+
+    def _post_get(self, path: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                raw = r.read()
+        except urllib.error.URLError as e:
+            raise RuntimeError(f"vLLM server {self.url}{path}: {e}") from e
+        return json.loads(raw) if raw else {}
+
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
+        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
+        groups = []
+        for p, pid in zip(prompts, ids):
+            body = {"model": self.model_name, "prompt": pid, "n": spec.n, "max_tokens": spec.max_new_tokens,
+                    "temperature": spec.temperature, "top_p": spec.top_p if spec.temperature > 0 else 1.0,
+                    "return_token_ids": True, "skip_special_tokens": True}
+            if spec.seed is not None:
+                body["seed"] = spec.seed
+            if spec.logprobs:
+                body["logprobs"] = 0
+            res = self._post_get("/v1/completions", body)
+            trajs = []
+            for c in res["choices"]:
+                lp = c.get("logprobs", {}) or {}
+                trajs.append(Trajectory(prompt_ids=pid, completion_ids=list(c.get("token_ids") or []), text=c["text"],
+                                        finish_reason="stop" if c.get("finish_reason") == "stop" else "length",
+                                        version=self.version, logprobs=lp.get("token_logprobs") if spec.logprobs else None))
+            groups.append(TrajectoryGroup(prompt=p, trajectories=trajs, version=self.version))
+        return groups
+
+    def load_weights(self, weights, version: int) -> None:
+        if not isinstance(weights, str):
+            raise ValueError("a remote vLLM server loads weights from a folder: use sync.method=disk")
+        self._post_get("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights}})
+        self._post_get("/reset_prefix_cache", {})
+        self.version = version
+
+    def close(self) -> None:
+        pass

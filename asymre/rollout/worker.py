@@ -1,0 +1,231 @@
+"""Generation workers in their own processes, so generation overlaps learning (async mode).
+
+Each worker process owns one `Generator` (built in the child from a picklable factory), scores its own
+groups with the reward functions (off the learner's critical path), and answers three messages:
+generate, load weights (from a safetensors folder: the 'disk' sync method), stop. The learner's main
+process talks to them through a `WorkerPool`, which notices a dead or silent worker within
+`worker_timeout_s`, restarts it up to `max_restarts` times (re-sending its unfinished requests and
+the latest weights), and otherwise raises `WorkerError` naming the worker. Nothing here can hang
+forever: every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from asymre.data import Prompt, TrajectoryGroup
+from asymre.rollout.base import SamplingSpec
+
+
+class WorkerError(RuntimeError):
+    """A generation worker died, went silent, or raised; the message names it."""
+
+
+def _worker_main(index: int, factory: Callable, factory_args: tuple, scorer_args: dict | None, req_q, out_q) -> None:
+    try:
+        gen = factory(*factory_args)
+        scorer = None
+        if scorer_args is not None:
+            from asymre.rewards import RewardScorer
+
+            scorer = RewardScorer(**scorer_args)
+        out_q.put(("ready", index, None))
+        while True:
+            msg = req_q.get()
+            kind = msg[0]
+            if kind == "stop":
+                break
+            if kind == "weights":
+                _, path, version = msg
+                gen.load_weights(path, version)
+                out_q.put(("loaded", index, version))
+            elif kind == "generate":
+                _, rid, prompts, spec = msg
+                t0 = time.perf_counter()
+                groups = gen.generate(prompts, spec)
+                gen_s = time.perf_counter() - t0
+                metrics: dict[str, float] = {"perf/generation_seconds": gen_s}
+                if scorer is not None:
+                    try:
+                        metrics.update(scorer.score(groups))
+                    except Exception as e:  # noqa: BLE001 - sent to the learner, which decides
+                        out_q.put(("reward_error", index, (rid, str(e))))
+                        continue
+                out_q.put(("groups", index, (rid, groups, metrics)))
+        gen.close()
+    except BaseException:  # noqa: BLE001
+        out_q.put(("error", index, traceback.format_exc()))
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: Any = None
+    req_q: Any = None
+    pending: dict[int, tuple] = field(default_factory=dict)  # request id -> (prompts, spec)
+    last_heard: float = 0.0
+    restarts: int = 0
+    version: int = 0
+
+
+class WorkerHandle:
+    """What `WeightSync` pushes to: one worker, reached through the pool. `remote` selects the disk method."""
+
+    remote = True
+
+    def __init__(self, pool: "WorkerPool", index: int):
+        self.pool, self.index = pool, index
+
+    def load_weights(self, path: str, version: int) -> None:
+        self.pool.push_weights(self.index, path, version)
+
+
+class WorkerPool:
+    def __init__(self, num_workers: int, factory: Callable, factory_args: tuple, scorer_args: dict | None = None,
+                 worker_timeout_s: float = 600.0, max_restarts: int = 2, start_timeout_s: float = 600.0):
+        self.ctx = mp.get_context("spawn")  # vLLM and torch threads do not survive fork
+        self.factory, self.factory_args, self.scorer_args = factory, factory_args, scorer_args
+        self.worker_timeout_s, self.max_restarts, self.start_timeout_s = worker_timeout_s, max_restarts, start_timeout_s
+        self.out_q = self.ctx.Queue()
+        self.workers = [_Worker(i) for i in range(num_workers)]
+        self.results: list[tuple[int, list[TrajectoryGroup], dict]] = []
+        self.reward_errors: list[str] = []
+        self.latest_weights: tuple[str, int] | None = None
+        self._next_rid = 0
+        for w in self.workers:
+            self._spawn(w)
+        self._wait_ready([w.index for w in self.workers])
+
+    @property
+    def handles(self) -> list[WorkerHandle]:
+        return [WorkerHandle(self, w.index) for w in self.workers]
+
+    def _spawn(self, w: _Worker) -> None:
+        w.req_q = self.ctx.Queue()
+        w.proc = self.ctx.Process(target=_worker_main, name=f"asymre-worker-{w.index}", daemon=True,
+                                  args=(w.index, self.factory, self.factory_args, self.scorer_args, w.req_q, self.out_q))
+        w.proc.start()
+        w.last_heard = time.monotonic()
+
+    def _wait_ready(self, indices: list[int]) -> None:
+        waiting = set(indices)
+        deadline = time.monotonic() + self.start_timeout_s
+        while waiting:
+            msg = self._get(deadline, f"worker(s) {sorted(waiting)} to start")
+            if msg[0] == "ready":
+                waiting.discard(msg[1])
+            else:
+                self._handle(msg)
+
+    def _get(self, deadline: float, what: str):
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerError(f"timed out waiting for {what}")
+            try:
+                return self.out_q.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                self._check_health()
+
+    def _handle(self, msg) -> None:
+        kind, index, payload = msg
+        w = self.workers[index]
+        w.last_heard = time.monotonic()
+        if kind == "groups":
+            rid, groups, metrics = payload
+            w.pending.pop(rid, None)
+            self.results.append((index, groups, metrics))
+        elif kind == "reward_error":
+            rid, err = payload
+            w.pending.pop(rid, None)
+            self.reward_errors.append(err)
+        elif kind == "loaded":
+            w.version = payload
+        elif kind == "error":
+            raise WorkerError(f"generation worker {index} raised:\n{payload}")
+
+    def _check_health(self) -> None:
+        now = time.monotonic()
+        for w in self.workers:
+            dead = w.proc.exitcode is not None
+            silent = bool(w.pending) and now - w.last_heard > self.worker_timeout_s
+            if not (dead or silent):
+                continue
+            why = f"exited with code {w.proc.exitcode}" if dead else f"silent for {now - w.last_heard:.0f}s (rollout.worker_timeout_s={self.worker_timeout_s})"
+            if w.restarts >= self.max_restarts:
+                raise WorkerError(f"generation worker {w.index} {why}; restarted {w.restarts} times already "
+                                  f"(rollout.max_worker_restarts={self.max_restarts}), stopping")
+            self._restart(w, why)
+
+    def _restart(self, w: _Worker, why: str) -> None:
+        import logging
+
+        logging.getLogger("asymre").warning("generation worker %d %s: restarting (%d/%d)", w.index, why, w.restarts + 1, self.max_restarts)
+        if w.proc.is_alive():
+            w.proc.kill()
+        w.proc.join(timeout=10)
+        w.restarts += 1
+        pending = dict(w.pending)
+        self._spawn(w)
+        self._wait_ready([w.index])
+        if self.latest_weights is not None:
+            w.req_q.put(("weights", *self.latest_weights))
+        for rid, (prompts, spec) in pending.items():
+            w.req_q.put(("generate", rid, prompts, spec))
+
+    # ---- the learner's side ----------------------------------------------------------------------
+    def outstanding(self, index: int | None = None) -> int:
+        if index is not None:
+            return len(self.workers[index].pending)
+        return sum(len(w.pending) for w in self.workers)
+
+    def submit(self, prompts: list[Prompt], spec: SamplingSpec) -> int:
+        """Queue a generation request on the least busy worker; returns its request id."""
+        w = min(self.workers, key=lambda x: len(x.pending))
+        rid = self._next_rid
+        self._next_rid += 1
+        if not w.pending:
+            w.last_heard = time.monotonic()
+        w.pending[rid] = (prompts, spec)
+        w.req_q.put(("generate", rid, prompts, spec))
+        return rid
+
+    def poll(self, timeout: float = 0.0) -> list[tuple[int, list[TrajectoryGroup], dict]]:
+        """Collect finished requests: waits up to `timeout` for at least one when none is ready."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._handle(self.out_q.get(timeout=0.05 if timeout > 0 else 0.001))
+                continue
+            except queue.Empty:
+                pass
+            self._check_health()
+            if self.results or self.reward_errors or time.monotonic() >= deadline:
+                break
+        out, self.results = self.results, []
+        return out
+
+    def push_weights(self, index: int, path: str, version: int, timeout_s: float | None = None) -> None:
+        """Send a weight folder to one worker and wait for its acknowledgement."""
+        self.latest_weights = (path, version)
+        w = self.workers[index]
+        w.req_q.put(("weights", path, version))
+        deadline = time.monotonic() + (timeout_s or self.worker_timeout_s)
+        while w.version != version:
+            self._handle(self._get(deadline, f"worker {index} to load weights version {version}"))
+
+    def close(self) -> None:
+        for w in self.workers:
+            try:
+                w.req_q.put(("stop",))
+            except Exception:  # noqa: BLE001
+                pass
+        for w in self.workers:
+            w.proc.join(timeout=10)
+            if w.proc.is_alive():
+                w.proc.kill()

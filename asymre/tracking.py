@@ -1,0 +1,54 @@
+"""Metrics out: every metric goes to `metrics.jsonl` in the run folder (never wandb alone), and to wandb
+when `logging.report_to` names it (offline mode, said once, when no API key is set)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("asymre")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, report_to: list[str], config: dict[str, Any] | None = None, project: str = "asymre",
+                 run_name: str = "asymre", tags: list[str] | None = None, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        self.t0 = time.time()
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", buffering=1)
+        if "wandb" in report_to:
+            import wandb
+
+            if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in ("online", "disabled"):
+                os.environ["WANDB_MODE"] = "offline"
+                log.warning("wandb: no WANDB_API_KEY set, logging offline to %s (sync later with `wandb sync`)", Path(run_dir) / "wandb")
+            self.wandb = wandb.init(project=project, name=run_name, tags=tags or [], config=config, dir=str(run_dir))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else v) for k, v in metrics.items()}
+        self._fh.write(json.dumps({"step": step, "time": round(time.time() - self.t0, 3), **clean}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._fh.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

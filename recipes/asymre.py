@@ -1,0 +1,274 @@
+"""AsymRE off-policy training recipe.
+
+    accelerate launch [--config_file recipes/accelerate/cpu.yaml] recipes/asymre.py \
+        --config recipes/configs/smollm2_arithmetic_cpu.yaml learner.lr=1e-5
+
+Reads top to bottom: `setup()` builds the task, rewards, learner, generation workers, buffer and weight
+sync; `train()` alternates collecting scored groups (colocated: generate then train on this device;
+async: worker processes generate while the learner trains) with learner steps, pushes weights every
+`sync.interval` steps (the paper's N), and evaluates; `cleanup()` saves and closes.
+What it leaves out: a KL term, a reference model and importance ratios (AsymRE needs none of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, this file's folder heads sys.path and `recipes/asymre.py` would shadow the package.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from asymre.buffer import ReplayBuffer
+from asymre.config import Config, ConfigError, load_config, to_dict
+from asymre.evaluate import evaluate
+from asymre.learner import Learner
+from asymre.models import load_tokenizer, resolve_model
+from asymre.rewards import RewardScorer
+from asymre.rollout import make_generator, resolve_backend
+from asymre.rollout.base import SamplingSpec
+from asymre.rollout.worker import WorkerPool
+from asymre.sync import WeightSync
+from asymre.tasks import PromptStream, build_task
+from asymre.tracking import MetricsLogger
+
+log = logging.getLogger("asymre")
+
+
+class AsymRERecipe:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.acc = Accelerator(cpu=not _has_gpu())
+        self.main = self.acc.is_main_process
+        self.run_dir = Path(cfg.logging.run_dir)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        set_seed(cfg.learner.seed + acc.process_index)
+        # Bad input fails here, before any model loads: reward names, task files, run folder.
+        self.scorer = RewardScorer(list(cfg.reward.funcs), list(cfg.reward.weights), cfg.reward.timeout_s, cfg.reward.scale)
+        train, self.eval_prompts = build_task(cfg.task)
+        self.async_mode = cfg.rollout.mode == "async"
+        shard, shards = (0, 1) if self.async_mode else (acc.process_index, acc.num_processes)
+        self.prompts = PromptStream(train, cfg.task.seed, shard, shards)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        self.metrics = MetricsLogger(self.run_dir, list(cfg.logging.report_to), to_dict(cfg), cfg.logging.project,
+                                     cfg.logging.run_name, list(cfg.logging.tags), enabled=self.main)
+
+        self.model_path = resolve_model(cfg.model.name, cfg.model.cache_dir) if self.main else None
+        self.model_path = broadcast_object_list([self.model_path])[0] if acc.num_processes > 1 else self.model_path
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.learner = Learner(cfg, self.model_path, acc)
+        self.learner.pad_id = self.tokenizer.pad_token_id
+        self.buffer = ReplayBuffer(cfg.buffer.capacity, cfg.buffer.max_staleness, cfg.buffer.sampling, cfg.buffer.max_reuse, cfg.learner.seed)
+        self.sync = WeightSync(cfg.sync.interval, cfg.sync.method, cfg.sync.timeout_s, self.run_dir / "sync")
+
+        ro = cfg.rollout
+        self.backend = resolve_backend(ro.backend)
+        need_logprobs = cfg.loss.name == "grpo"
+        self.train_spec = SamplingSpec(n=ro.group_size, temperature=ro.temperature, top_p=ro.top_p,
+                                       max_new_tokens=ro.max_new_tokens, logprobs=need_logprobs)
+        gen_args = (self.backend, self.model_path, cfg.model.dtype, ro.seed + acc.process_index,
+                    ro.max_prompt_tokens + max(ro.max_new_tokens, cfg.eval.max_new_tokens), ro.max_prompt_tokens,
+                    ro.gpu_memory_utilization, ro.kv_cache_gb)
+        self.pool = None
+        if self.async_mode:
+            if self.main:
+                scorer_args = dict(specs=list(cfg.reward.funcs), weights=list(cfg.reward.weights), timeout_s=cfg.reward.timeout_s,
+                                   scale=cfg.reward.scale)
+                self.pool = WorkerPool(ro.num_workers, make_generator, gen_args, scorer_args, ro.worker_timeout_s, ro.max_worker_restarts)
+            self.generator = None
+        else:
+            self.generator = make_generator(*gen_args)
+        self.rounds = 0
+        log.info("setup done: backend=%s mode=%s model=%s run_dir=%s", self.backend, ro.mode, self.model_path, self.run_dir)
+
+    # ------------------------------------------------------------------------------------------ train
+    def _spec(self) -> SamplingSpec:
+        self.rounds += 1
+        s = self.train_spec
+        return SamplingSpec(s.n, s.temperature, s.top_p, s.max_new_tokens, self.cfg.rollout.seed * 1000003 + self.rounds, s.logprobs)
+
+    def _collect_colocated(self, need: int) -> dict[str, float]:
+        """Generate rounds with the (possibly stale) colocated engine until `need` fresh groups are buffered."""
+        metrics: dict[str, float] = {}
+        while self.buffer.available(self.learner.step) < need:
+            t0 = time.perf_counter()
+            groups = self.generator.generate(self.prompts.take(self.cfg.rollout.prompts_per_step), self._spec())
+            metrics["perf/generation_seconds"] = metrics.get("perf/generation_seconds", 0.0) + time.perf_counter() - t0
+            metrics.update(self.scorer.score(groups))
+            self.buffer.add(groups)
+        return metrics
+
+    def _collect_async(self, need: int) -> dict[str, float]:
+        """Keep every worker busy; wait (with deadlines) until `need` fresh groups are buffered."""
+        metrics: dict[str, float] = {}
+        per_round = self.cfg.rollout.prompts_per_step
+        while True:
+            while self.pool.outstanding() < 2 * len(self.pool.workers):
+                self.pool.submit(self.prompts.take(per_round), self._spec())
+            enough = self.buffer.available(self.learner.step) >= need
+            for _, groups, m in self.pool.poll(timeout=0.0 if enough else self.cfg.rollout.worker_timeout_s):
+                self.buffer.add(groups)
+                metrics.update(m)
+            if self.pool.reward_errors:
+                raise RuntimeError(self.pool.reward_errors[0])
+            if self.buffer.available(self.learner.step) >= need:
+                return metrics
+
+    def _next_groups(self) -> tuple[list, dict[str, float]]:
+        """This rank's groups for the next step, and collection metrics (main process)."""
+        n = self.cfg.learner.groups_per_step
+        if not self.async_mode:
+            m = self._collect_colocated(max(n, self.cfg.buffer.min_groups))
+            return self.buffer.sample(n, self.learner.step), m
+        everything, m = None, {}
+        if self.main:
+            m = self._collect_async(max(n * self.acc.num_processes, self.cfg.buffer.min_groups))
+            everything = self.buffer.sample(n * self.acc.num_processes, self.learner.step)
+        if self.acc.num_processes > 1:
+            everything = broadcast_object_list([everything])[0]
+        return everything[self.acc.process_index :: self.acc.num_processes], m
+
+    def _push_weights(self) -> float:
+        state = self.learner.full_state_dict()  # collective under FSDP/DeepSpeed
+        version = self.learner.step
+        if self.async_mode:
+            return self.sync.push(state, version, self.pool.handles) if self.main else 0.0
+        return self.sync.push(state, version, [self.generator])
+
+    def _evaluate(self, tag: str) -> dict[str, float]:
+        """Evaluate the learner's current weights: the engine gets them for the evaluation, then the
+        behaviour weights back (so evaluation never changes the off-policy regime)."""
+        ec = self.cfg.eval
+        out: dict[str, float] = {}
+        if not self.async_mode:
+            engine, behind = self.generator, self.generator.version != self.learner.step
+            if behind:
+                behaviour_version = engine.version
+                behaviour = {k: v.detach().clone() for k, v in self.last_pushed.items()}
+                self.sync.push(self.learner.full_state_dict(), self.learner.step, [engine])
+        else:
+            behind = False
+            engine = self.eval_engine()
+        if self.main:
+            out = evaluate(engine, self.eval_prompts, self.scorer, ec.preset, ec.k, ec.max_new_tokens, seed=self.cfg.learner.seed)
+            log.info("eval (%s) at step %d: pass@1 = %.3f on %d held-out prompts", tag, self.learner.step, out["eval/pass@1"], len(self.eval_prompts))
+        if not self.async_mode and behind:
+            self.sync.push(behaviour, behaviour_version, [engine])
+        self.acc.wait_for_everyone()
+        return out
+
+    def eval_engine(self):
+        """Async mode: an in-process engine for evaluation, built on first use, loaded with the learner's weights."""
+        if getattr(self, "_eval_gen", None) is None:
+            self._eval_gen = make_generator("hf", self.model_path, self.cfg.model.dtype)
+        self._eval_gen.load_weights(iter(self.learner.full_state_dict().items()), self.learner.step)
+        return self._eval_gen
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.last_pushed = {k: v.detach().clone() for k, v in self.learner.full_state_dict().items()} if not self.async_mode else {}
+        first = self._evaluate("start") if cfg.eval.at_start else {}
+        if first:
+            self.metrics.log(first, step=0)
+        bar = tqdm(total=cfg.learner.steps, desc="asymre", disable=not (self.main and cfg.logging.progress), dynamic_ncols=True)
+        t_start = time.perf_counter()
+        while self.learner.step < cfg.learner.steps:
+            t0 = time.perf_counter()
+            groups, m = self._next_groups()
+            staleness = [self.learner.step - g.version for g in groups]
+            m.update(self.learner.train_step(groups))
+            if self.sync.due(self.learner.step):
+                m["sync/seconds"] = self._push_weights()
+                m["sync/version"] = float(self.learner.step)
+                if not self.async_mode:
+                    self.last_pushed = {k: v.detach().clone() for k, v in self.learner.full_state_dict().items()}
+            m.update(self.buffer.stats(self.learner.step))
+            m["rollout/staleness_mean"] = sum(staleness) / len(staleness)
+            m["rollout/staleness_max"] = float(max(staleness))
+            m["rollout/completion_len"] = _mean([len(t.completion_ids) for g in groups for t in g.trajectories])
+            m["rollout/stop_frac"] = _mean([t.finish_reason == "stop" for g in groups for t in g.trajectories])
+            m["perf/step_seconds"] = time.perf_counter() - t0
+            if cfg.eval.every and self.learner.step % cfg.eval.every == 0 and self.learner.step < cfg.learner.steps:
+                m.update(self._evaluate(f"step {self.learner.step}"))
+            self.metrics.log(m, step=self.learner.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{m.get('reward/mean', float('nan')):.3f}", stale=f"{m['rollout/staleness_mean']:.1f}",
+                            loss=f"{m['loss/value']:.3f}")
+        bar.close()
+        if not self.async_mode and self.generator.version != self.learner.step:
+            self._push_weights()  # the final policy goes to the engine, for the final evaluation
+            self.last_pushed = {}
+        last = self._evaluate("end") if cfg.eval.at_end else {}
+        if last:
+            self.metrics.log(last, step=self.learner.step)
+        summary = {"train/seconds": time.perf_counter() - t_start}
+        if first and last:
+            summary.update({"eval/pass@1_start": first["eval/pass@1"], "eval/pass@1_end": last["eval/pass@1"]})
+        return summary
+
+    # ---------------------------------------------------------------------------------------- cleanup
+    def cleanup(self) -> None:
+        if self.cfg.checkpoint.save_final_model:
+            self.learner.save_model(str(self.run_dir / "final_model"), self.tokenizer)
+        if self.pool is not None:
+            self.pool.close()
+        if self.generator is not None:
+            self.generator.close()
+        self.scorer.close()
+        self.metrics.close()
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="AsymRE off-policy RL training", epilog="Overrides: dotted key=value, e.g. learner.lr=1e-5")
+    p.add_argument("--config", help="YAML config (recipes/configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    for noisy in ("vllm", "transformers", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    recipe = AsymRERecipe(cfg)
+    recipe.setup()
+    try:
+        summary = recipe.train()
+    finally:
+        recipe.cleanup()
+    if recipe.main and "eval/pass@1_start" in summary:
+        print(f"held-out accuracy (pass@1, {cfg.eval.preset}): {summary['eval/pass@1_start']:.1%} before -> "
+              f"{summary['eval/pass@1_end']:.1%} after {cfg.learner.steps} steps in {summary['train/seconds']:.0f}s; "
+              f"run folder {recipe.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    sys.exit(main())

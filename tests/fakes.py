@@ -1,0 +1,74 @@
+"""Fakes for component tests (never for the thing an integration test claims to test).
+
+`SlowGenerator` is a deliberately slow generation backend, loadable by `rollout.backend=tests.fakes:SlowGenerator`:
+it answers arithmetic prompts with a right or wrong number (real token ids from the real tokenizer),
+sleeps `ASYMRE_FAKE_GEN_SLEEP` seconds a call, and appends each call's wall-clock interval and policy
+version to the JSONL file `ASYMRE_FAKE_GEN_LOG` so a test can see when generation ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+from asymre.data import Prompt, Trajectory, TrajectoryGroup
+from asymre.models import load_tokenizer
+from asymre.rollout.base import SamplingSpec, encode_prompts
+
+
+class SlowGenerator:
+    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0):
+        self.tokenizer = load_tokenizer(model_path)
+        self.rng = random.Random(seed)
+        self.sleep = float(os.environ.get("ASYMRE_FAKE_GEN_SLEEP", "1.0"))
+        self.log = os.environ.get("ASYMRE_FAKE_GEN_LOG")
+        self.version = 0
+
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
+        t0 = time.time()
+        time.sleep(self.sleep)
+        ids = encode_prompts(self.tokenizer, prompts, 128)
+        groups = []
+        for p, pid in zip(prompts, ids):
+            trajs = []
+            for _ in range(spec.n):
+                ans = p.columns["answer"] if self.rng.random() < 0.5 else str(self.rng.randint(0, 20))
+                comp = self.tokenizer(ans, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                trajs.append(Trajectory(pid, comp, ans, "stop", self.version, logprobs=[-1.0] * len(comp)))
+            groups.append(TrajectoryGroup(p, trajs, self.version))
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(json.dumps({"start": t0, "end": time.time(), "version": self.version, "pid": os.getpid()}) + "\n")
+        return groups
+
+    def load_weights(self, weights, version: int) -> None:
+        if isinstance(weights, str):
+            assert os.path.isfile(os.path.join(weights, "model.safetensors")), weights
+        else:
+            for _ in weights:
+                pass
+        self.version = version
+
+    def close(self) -> None:
+        pass
+
+
+class DyingGenerator(SlowGenerator):
+    """Kills its own process on the Nth generate call of its life (ASYMRE_FAKE_DIE_AT, default 2)."""
+
+    calls = 0
+
+    def generate(self, prompts, spec):
+        DyingGenerator.calls += 1
+        if DyingGenerator.calls >= int(os.environ.get("ASYMRE_FAKE_DIE_AT", "2")):
+            os._exit(17)
+        return super().generate(prompts, spec)
+
+
+class HangingGenerator(SlowGenerator):
+    """Never answers a weight push: sync must time out with an error, not hang."""
+
+    def load_weights(self, weights, version: int) -> None:
+        time.sleep(3600)

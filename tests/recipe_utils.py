@@ -1,0 +1,13 @@
+"""Load `recipes/asymre.py` (a script, not a package module) for in-process tests."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_recipe_module():
+    spec = importlib.util.spec_from_file_location("asymre_recipe", ROOT / "recipes" / "asymre.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

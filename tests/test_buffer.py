@@ -1,0 +1,74 @@
+"""Replay buffer: staleness, eviction past max_staleness, FIFO-once and reuse sampling, save/restore."""
+
+import json
+
+from asymre.buffer import ReplayBuffer
+from asymre.data import Prompt, Trajectory, TrajectoryGroup
+
+
+def _group(version: int, uid: str = "p", reward: float = 1.0) -> TrajectoryGroup:
+    t = Trajectory(prompt_ids=[1, 2], completion_ids=[3, 4], text="x", finish_reason="stop", version=version, reward=reward)
+    return TrajectoryGroup(prompt=Prompt(uid=uid, messages=[{"role": "user", "content": "q"}], columns={"answer": "1"}),
+                           trajectories=[t, t], version=version)
+
+
+def test_fifo_once_oldest_first():
+    b = ReplayBuffer(capacity=10, max_staleness=100)
+    b.add([_group(0, "a"), _group(1, "b"), _group(2, "c")])
+    got = b.sample(2, learner_version=3)
+    assert [g.prompt.uid for g in got] == ["a", "b"]
+    assert [g.prompt.uid for g in b.sample(5, 3)] == ["c"]
+    assert len(b) == 0  # each group trained on once
+
+
+def test_evicts_past_max_staleness():
+    """If this fails, the learner could train on data older than the user allowed."""
+    b = ReplayBuffer(capacity=10, max_staleness=2)
+    b.add([_group(0, "old"), _group(3, "ok"), _group(5, "new")])
+    assert b.available(5) == 2
+    got = b.sample(3, learner_version=5)
+    assert [g.prompt.uid for g in got] == ["ok", "new"]
+    assert b.counts["evicted_stale"] == 1
+    assert all(5 - g.version <= 2 for g in got)
+
+
+def test_on_policy_setting_keeps_only_current_version():
+    b = ReplayBuffer(max_staleness=0)
+    b.add([_group(4), _group(5)])
+    assert [g.version for g in b.sample(10, 5)] == [5]
+
+
+def test_capacity_drops_oldest():
+    b = ReplayBuffer(capacity=2, max_staleness=100)
+    b.add([_group(0, "a"), _group(0, "b"), _group(0, "c")])
+    assert [g.prompt.uid for g in b.groups] == ["b", "c"] and b.counts["evicted_capacity"] == 1
+
+
+def test_reuse_sampling_respects_max_reuse():
+    b = ReplayBuffer(capacity=10, max_staleness=100, sampling="reuse", max_reuse=3, seed=0)
+    b.add([_group(0, str(i)) for i in range(4)])
+    seen = {}
+    for _ in range(20):
+        for g in b.sample(2, 0):
+            seen[g.prompt.uid] = seen.get(g.prompt.uid, 0) + 1
+    assert seen == {str(i): 3 for i in range(4)}  # each used exactly max_reuse times, then gone
+    assert len(b) == 0
+
+
+def test_stats_and_histogram():
+    b = ReplayBuffer(max_staleness=100)
+    b.add([_group(1), _group(1), _group(3)])
+    s = b.stats(4)
+    assert s["buffer/groups"] == 3 and s["buffer/staleness_mean"] == (3 + 3 + 1) / 3 and s["buffer/staleness_max"] == 3
+    assert b.staleness_histogram(4) == {1: 1, 3: 2}
+
+
+def test_state_round_trip_through_json():
+    b = ReplayBuffer(capacity=5, max_staleness=9, sampling="reuse", max_reuse=2, seed=3)
+    b.add([_group(i, str(i), reward=i / 10) for i in range(4)])
+    b.sample(1, 4)
+    state = json.loads(json.dumps(b.state_dict()))
+    c = ReplayBuffer(capacity=5, max_staleness=9, sampling="reuse", max_reuse=2, seed=99)
+    c.load_state_dict(state)
+    assert [g.to_dict() for g in c.groups] == [g.to_dict() for g in b.groups]
+    assert [g.prompt.uid for g in c.sample(2, 4)] == [g.prompt.uid for g in b.sample(2, 4)]  # same RNG stream

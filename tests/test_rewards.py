@@ -1,0 +1,118 @@
+"""Reward functions and scoring: built-ins on real answers, TRL-shaped user functions, and every bad input
+(raises, hangs, NaN, all None, wrong length, unknown name) handled without killing the run."""
+
+import time
+
+import pytest
+
+from asymre.data import Prompt, Trajectory, TrajectoryGroup
+from asymre.rewards import RewardError, RewardScorer, resolve_reward
+from asymre.rewards.builtin import extract_number, first_number, math_verify, numeric
+
+
+def _groups(texts, answer="5"):
+    trajs = [Trajectory([1], [2], t, "stop", 0) for t in texts]
+    return [TrajectoryGroup(Prompt("p", [{"role": "user", "content": "What is 2 + 3?"}], {"answer": answer}), trajs, 0)]
+
+
+def test_numeric_last_number_and_gsm8k_marker():
+    assert numeric([""] * 4, ["2 + 3 = 5", "The answer is 5.", "#### 5", "5 apples, not 6"], answer=["5", "5", "72\n#### 5", "5"]) == [1.0, 1.0, 1.0, 0.0]
+    assert extract_number("She has 1,234.5 dollars") == 1234.5
+    assert numeric([""], ["no number"], answer=["5"]) == [0.0]
+
+
+def test_first_number_wants_the_answer_first():
+    assert first_number([""] * 3, ["5", "5.", "2 + 3 = 5"], answer=["5"] * 3) == [1.0, 1.0, 0.0]
+
+
+def test_math_verify_accepts_equivalent_latex_a_regex_would_not():
+    """\\frac{1}{2} vs 0.5 and \\sqrt{8} vs 2\\sqrt{2}: equal to math-verify, different strings/numbers to a regex."""
+    got = math_verify(["", "", ""], ["so the answer is $\\boxed{0.5}$", "We get \\boxed{2\\sqrt{2}}", "\\boxed{3}"],
+                      answer=["\\frac{1}{2}", "\\sqrt{8}", "4"])
+    assert got == [1.0, 1.0, 0.0]
+    assert numeric([""], ["We get \\boxed{2\\sqrt{2}}"], answer=["\\sqrt{8}"]) == [0.0]
+
+
+def trl_style_reward(prompts, completions, **kwargs):
+    """A TRL reward function, unchanged: extra dataset columns arrive as keyword lists."""
+    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, kwargs["answer"])]
+
+
+def test_trl_style_function_by_dotted_path():
+    scorer = RewardScorer(["tests.test_rewards:trl_style_reward"])
+    groups = _groups(["5", " 5 ", "6"])
+    m = scorer.score(groups)
+    assert groups[0].rewards == [1.0, 1.0, 0.0] and m["reward/mean"] == pytest.approx(2 / 3)
+
+
+def test_weights_and_scale():
+    groups = _groups(["5", "2 + 3 = 5", "7"])
+    RewardScorer(["numeric", "first_number"], weights=[1.0, 0.5], scale="pm1").score(groups)
+    assert groups[0].rewards == [1.5, 0.5, -1.5]
+
+
+def raises(prompts, completions, **kw):
+    raise RuntimeError("boom")
+
+
+def hangs(prompts, completions, **kw):
+    time.sleep(30)
+    return [1.0] * len(completions)
+
+
+def nan_and_none(prompts, completions, **kw):
+    return [float("nan"), None, 1.0]
+
+
+def all_none(prompts, completions, **kw):
+    return [None] * len(completions)
+
+
+def wrong_length(prompts, completions, **kw):
+    return [1.0]
+
+
+@pytest.mark.parametrize("fn, reason", [("raises", "raised"), ("wrong_length", "wrong_length"), ("all_none", "none_or_nan")])
+def test_failing_reward_alone_stops_the_step_naming_it(fn, reason):
+    scorer = RewardScorer([f"tests.test_rewards:{fn}"], timeout_s=2)
+    with pytest.raises(RewardError, match=f"tests.test_rewards:{fn}:{reason}"):
+        scorer.score(_groups(["5", "6", "7"]))
+
+
+def test_hanging_reward_times_out_and_is_counted():
+    scorer = RewardScorer(["numeric", "tests.test_rewards:hangs"], timeout_s=0.5)
+    groups = _groups(["5", "6", "7"])
+    t0 = time.time()
+    m = scorer.score(groups)
+    assert time.time() - t0 < 5
+    assert m["reward/dropped_tests.test_rewards:hangs:timeout"] == 3
+    assert groups[0].rewards == [1.0, 0.0, 0.0]  # the other function still scored them
+    scorer.close()
+
+
+def test_nan_and_none_samples_are_dropped_and_counted():
+    groups = _groups(["5", "6", "7"])
+    m = RewardScorer(["tests.test_rewards:nan_and_none"]).score(groups)
+    assert groups[0].rewards == [None, None, 1.0]
+    assert m["reward/dropped"] == 2 and m["reward/dropped_tests.test_rewards:nan_and_none:none_or_nan"] == 2
+
+
+@pytest.mark.parametrize("spec, msg", [("nosuch", "not a built-in"), ("no_such_pkg.mod:f", "cannot import module"),
+                                       ("tests.test_rewards:missing", "no callable 'missing'")])
+def test_unknown_reward_fails_at_start_up(spec, msg):
+    with pytest.raises(RewardError, match=msg):
+        resolve_reward(spec)
+
+
+def test_unknown_reward_fails_before_any_model_loads(tmp_path, monkeypatch):
+    """The recipe builds the reward scorer first: a typo costs a second, not a model load."""
+    import asymre.models
+    from asymre.config import load_config
+    from tests.recipe_utils import load_recipe_module
+
+    monkeypatch.setattr(asymre.models, "resolve_model", lambda *a, **k: pytest.fail("model loaded before rewards were checked"))
+    mod = load_recipe_module()
+    monkeypatch.setattr(mod, "resolve_model", lambda *a, **k: pytest.fail("model loaded before rewards were checked"))
+    recipe = mod.AsymRERecipe(load_config(None, ["reward.funcs=[no_such_reward]", f"logging.run_dir={tmp_path}"]))
+    with pytest.raises(RewardError, match="no_such_reward"):
+        recipe.setup()
