@@ -37,7 +37,9 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = _f("arithmetic", "Task: 'arithmetic' (built in), 'gsm8k', 'math', or 'file'.")
-    path: str | None = _f(None, "Dataset: hub id or local JSONL/parquet path (gsm8k, math, file tasks).")
+    path: str | None = _f(None, "Dataset (gsm8k, math, file tasks): hub id, local JSONL/parquet file, or folder with train/test files.")
+    subset: str | None = _f(None, "Hub dataset config name, e.g. 'main' for openai/gsm8k.")
+    eval_path: str | None = _f(None, "Held-out data, if not the 'test' split of task.path.")
     train_size: int = _f(2000, "Number of training prompts (arithmetic task) or cap on rows (others; 0 = all).")
     eval_size: int = _f(200, "Number of held-out evaluation prompts.")
     max_operand: int = _f(9, "Arithmetic task: operands are drawn from 0..max_operand.")
@@ -70,8 +72,8 @@ class RolloutConfig:
     max_prompt_tokens: int = _f(1024, "Prompts longer than this are truncated from the left.")
     gpu_memory_utilization: float = _f(0.5, "vLLM on GPU: share of GPU memory the engine may use.")
     kv_cache_gb: float = _f(1.0, "vLLM on CPU: KV-cache size in GiB.")
-    devices: list[int] = _f([], "vLLM on GPUs: device ids for generation workers (empty = colocated).")
-    server_urls: list[str] = _f([], "Remote vLLM servers (http://host:port) to use as workers (multi-node).")
+    devices: list[int] = _f([], "Async mode on GPUs: device ids for the generation workers (round robin; keep them off the learner's).")
+    server_urls: list[str] = _f([], "Async mode: remote vLLM servers (http://host:port), one worker each, instead of local engines.")
     worker_timeout_s: float = _f(600.0, "Async mode: a worker silent for this long is declared dead.")
     max_worker_restarts: int = _f(2, "Async mode: restarts allowed per worker before the run stops.")
     seed: int = _f(0, "Sampling seed.")
@@ -197,6 +199,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
     if cfg.rollout.backend not in ("auto", "vllm", "hf") and ":" not in cfg.rollout.backend:
         raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not one of auto, vllm, hf, or a 'pkg.module:factory' path")
+    if (cfg.rollout.devices or cfg.rollout.server_urls) and cfg.rollout.mode != "async":
+        raise ConfigError("rollout.devices / rollout.server_urls need rollout.mode=async (separate generation workers)")
     if cfg.buffer.max_staleness < 0:
         raise ConfigError(f"buffer.max_staleness={cfg.buffer.max_staleness} must be >= 0")
     if cfg.buffer.max_staleness < cfg.sync.interval - 1:

@@ -167,22 +167,27 @@ class Learner:
         self.model.train()
         sums: dict[str, float] = {}
         total_loss = 0.0
+        fwd_bwd = 0.0
         for k, (idx, weight) in enumerate(plan):
             last = k == len(plan) - 1
             ctx = acc.no_sync(self.model) if (not last and acc.num_processes > 1) else nullcontext()
             with ctx:
+                t1 = time.perf_counter()
                 loss, m = self._micro_loss(batch, idx, normalizer)
                 acc.backward(loss * weight)
+                fwd_bwd += time.perf_counter() - t1
             if weight:
                 total_loss += loss.item()
                 for key, v in m.items():
                     sums[key] = sums.get(key, 0.0) + v * len(idx)
+        t_opt = time.perf_counter()
         grad_norm = float("nan")
         if self.cfg.learner.max_grad_norm > 0:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        opt_s = time.perf_counter() - t_opt
         self.step += 1
         secs = time.perf_counter() - t0
         metrics = {k: v / len(batch.seqs) for k, v in sums.items()}
@@ -190,6 +195,7 @@ class Learner:
             "loss/value": total_loss, "learner/grad_norm": grad_norm, "learner/lr": self.scheduler.get_last_lr()[0],
             "learner/trajectories": float(len(batch.seqs)), "learner/micro_batches": float(len(micro)),
             "perf/learner_seconds": secs, "perf/learner_tokens": float(batch.num_tokens),
+            "perf/forward_backward_seconds": fwd_bwd, "perf/optimizer_seconds": opt_s,
             "perf/learner_tokens_per_s": batch.num_tokens / secs,
             "learner/padding_frac": 1.0 - batch.num_tokens / sum(len(idx) * max(len(batch.seqs[i]) for i in idx) for idx in micro),
         })

@@ -88,12 +88,22 @@ class AsymRERecipe:
             if self.main:
                 scorer_args = dict(specs=list(cfg.reward.funcs), weights=list(cfg.reward.weights), timeout_s=cfg.reward.timeout_s,
                                    scale=cfg.reward.scale)
-                self.pool = WorkerPool(ro.num_workers, make_generator, gen_args, scorer_args, ro.worker_timeout_s, ro.max_worker_restarts)
+                self.pool = WorkerPool(len(self._worker_placement()), make_generator, gen_args, scorer_args, ro.worker_timeout_s,
+                                       ro.max_worker_restarts, per_worker=self._worker_placement())
             self.generator = None
         else:
             self.generator = make_generator(*gen_args)
         self.rounds = 0
         log.info("setup done: backend=%s mode=%s model=%s run_dir=%s", self.backend, ro.mode, self.model_path, self.run_dir)
+
+    def _worker_placement(self) -> list[tuple[dict, dict]]:
+        """(factory kwargs, env) per worker: remote servers if given, else num_workers local engines,
+        each pinned to one of rollout.devices (round robin) when the list is set."""
+        ro = self.cfg.rollout
+        if ro.server_urls:
+            return [({"server_url": url}, {}) for url in ro.server_urls]
+        env = [{"CUDA_VISIBLE_DEVICES": str(ro.devices[i % len(ro.devices)])} if ro.devices else {} for i in range(ro.num_workers)]
+        return [({}, e) for e in env]
 
     # ------------------------------------------------------------------------------------------ train
     def _spec(self) -> SamplingSpec:
@@ -158,7 +168,7 @@ class AsymRERecipe:
             engine, behind = self.generator, self.generator.version != self.learner.step
             if behind:
                 behaviour_version = engine.version
-                behaviour = {k: v.detach().clone() for k, v in self.last_pushed.items()}
+                behaviour = self.last_pushed  # the engine copies it in, so no clone is needed
                 self.sync.push(self.learner.full_state_dict(), self.learner.step, [engine])
         else:
             behind = False
@@ -171,6 +181,12 @@ class AsymRERecipe:
         self.acc.wait_for_everyone()
         return out
 
+    def _behaviour_copy(self) -> dict:
+        """A copy of the weights just pushed, kept only when a mid-interval evaluation will need them back."""
+        if self.async_mode or not self.cfg.eval.every or self.cfg.sync.interval == 1:
+            return {}
+        return {k: v.detach().clone() for k, v in self.learner.full_state_dict().items()}
+
     def eval_engine(self):
         """Async mode: an in-process engine for evaluation, built on first use, loaded with the learner's weights."""
         if getattr(self, "_eval_gen", None) is None:
@@ -180,7 +196,7 @@ class AsymRERecipe:
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg
-        self.last_pushed = {k: v.detach().clone() for k, v in self.learner.full_state_dict().items()} if not self.async_mode else {}
+        self.last_pushed = self._behaviour_copy()
         first = self._evaluate("start") if cfg.eval.at_start else {}
         if first:
             self.metrics.log(first, step=0)
@@ -194,8 +210,7 @@ class AsymRERecipe:
             if self.sync.due(self.learner.step):
                 m["sync/seconds"] = self._push_weights()
                 m["sync/version"] = float(self.learner.step)
-                if not self.async_mode:
-                    self.last_pushed = {k: v.detach().clone() for k, v in self.learner.full_state_dict().items()}
+                self.last_pushed = self._behaviour_copy()
             m.update(self.buffer.stats(self.learner.step))
             m["rollout/staleness_mean"] = sum(staleness) / len(staleness)
             m["rollout/staleness_max"] = float(max(staleness))

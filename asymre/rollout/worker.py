@@ -26,9 +26,13 @@ class WorkerError(RuntimeError):
     """A generation worker died, went silent, or raised; the message names it."""
 
 
-def _worker_main(index: int, factory: Callable, factory_args: tuple, scorer_args: dict | None, req_q, out_q) -> None:
+def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwargs: dict, env: dict, scorer_args: dict | None,
+                 req_q, out_q) -> None:
     try:
-        gen = factory(*factory_args)
+        import os
+
+        os.environ.update(env)  # e.g. CUDA_VISIBLE_DEVICES: this worker's generation GPU, set before any CUDA init
+        gen = factory(*factory_args, **factory_kwargs)
         scorer = None
         if scorer_args is not None:
             from asymre.rewards import RewardScorer
@@ -87,9 +91,12 @@ class WorkerHandle:
 
 class WorkerPool:
     def __init__(self, num_workers: int, factory: Callable, factory_args: tuple, scorer_args: dict | None = None,
-                 worker_timeout_s: float = 600.0, max_restarts: int = 2, start_timeout_s: float = 600.0):
+                 worker_timeout_s: float = 600.0, max_restarts: int = 2, start_timeout_s: float = 600.0,
+                 per_worker: list[tuple[dict, dict]] | None = None):
+        """`per_worker[i]` = (extra factory kwargs, environment) for worker i, e.g. its GPU or server URL."""
         self.ctx = mp.get_context("spawn")  # vLLM and torch threads do not survive fork
         self.factory, self.factory_args, self.scorer_args = factory, factory_args, scorer_args
+        self.per_worker = per_worker or [({}, {})] * num_workers
         self.worker_timeout_s, self.max_restarts, self.start_timeout_s = worker_timeout_s, max_restarts, start_timeout_s
         self.out_q = self.ctx.Queue()
         self.workers = [_Worker(i) for i in range(num_workers)]
@@ -108,7 +115,8 @@ class WorkerPool:
     def _spawn(self, w: _Worker) -> None:
         w.req_q = self.ctx.Queue()
         w.proc = self.ctx.Process(target=_worker_main, name=f"asymre-worker-{w.index}", daemon=True,
-                                  args=(w.index, self.factory, self.factory_args, self.scorer_args, w.req_q, self.out_q))
+                                  args=(w.index, self.factory, self.factory_args, *self.per_worker[w.index], self.scorer_args,
+                                        w.req_q, self.out_q))
         w.proc.start()
         w.last_heard = time.monotonic()
 

@@ -12,7 +12,40 @@ def build_task(task) -> tuple[list[Prompt], list[Prompt]]:
 
         return arithmetic.build(task.train_size, task.eval_size, task.max_operand, list(task.operations), task.seed,
                                 task.system_prompt, task.template)
-    raise ValueError(f"task.name={task.name!r}: unknown task; built in: 'arithmetic'")
+    if task.name in ("gsm8k", "math", "file"):
+        return _dataset_task(task)
+    raise ValueError(f"task.name={task.name!r}: unknown task; expected arithmetic, gsm8k, math or file")
+
+
+def _dataset_task(task) -> tuple[list[Prompt], list[Prompt]]:
+    """Train rows from `task.path` ('train' split); held-out rows from `task.eval_path`, else the 'test'
+    split of a hub id or folder, else the last `task.eval_size` rows of a single file."""
+    from pathlib import Path
+
+    from asymre.tasks import datasets as D
+
+    if not task.path:
+        raise ValueError(f"task.name={task.name} needs task.path (a hub id, or a local JSONL/parquet file or folder)")
+    rows, source = D.load_rows(task.path, "train", task.subset)
+    start = 0
+    if task.eval_path:
+        eval_rows, eval_source = D.load_rows(task.eval_path, "test")
+    elif Path(task.path).is_file():
+        cut = max(len(rows) - task.eval_size, len(rows) // 2)
+        rows, eval_rows, eval_source, start = rows[:cut], rows[cut:], source, cut
+    else:
+        eval_rows, eval_source = D.load_rows(task.path, "test", task.subset)
+
+    def convert(rs: list[dict], src: str, offset: int) -> list[Prompt]:
+        if task.name == "gsm8k":
+            return D.gsm8k(rs, src, task.system_prompt, offset)
+        if task.name == "math":
+            return D.math(rs, src, task.system_prompt, offset)
+        return D.prompt_file(rs, src, task.prompt_column, task.answer_column, task.system_prompt, offset)
+
+    train = convert(rows, source, 0)
+    held_out = convert(eval_rows, eval_source, start)
+    return (train[: task.train_size] if task.train_size else train), held_out[: task.eval_size]
 
 
 class PromptStream:

@@ -1,0 +1,108 @@
+"""Dataset tasks: GSM8K, MATH and any prompt/answer file, through `datasets`.
+
+`path` is a hub id (for users with network) or a local JSONL/JSON/parquet/CSV file or folder (tests, and
+machines without a hub). Rows keep every column, so reward functions can read them as keyword lists.
+A row without the prompt or answer column fails with the file, row and column named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from asymre.data import Prompt
+
+MATH_INSTRUCTION = "Solve the problem. Put the final answer in \\boxed{}."
+GSM8K_INSTRUCTION = "Solve the problem step by step. End with '#### ' followed by the final number."
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset file or row is unusable; the message names the file, row and column."""
+
+
+def load_rows(path: str, split: str, subset: str | None = None) -> tuple[list[dict], str]:
+    """Rows of `split` from a local file/folder or a hub id, and a label naming the source."""
+    from datasets import load_dataset
+
+    p = Path(path)
+    if p.is_file():
+        builder = _BUILDERS.get(p.suffix.lower())
+        if builder is None:
+            raise DataError(f"{p}: unsupported file type {p.suffix!r}; expected one of {sorted(_BUILDERS)}")
+        ds = load_dataset(builder, data_files={split: str(p)}, split=split)
+        return [dict(r) for r in ds], str(p)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in _BUILDERS and split in f.stem)
+        if not files:
+            raise DataError(f"{p}: no {split} file (*{split}*.jsonl/.json/.parquet/.csv) in this folder")
+        return load_rows(str(files[0]), split)
+    ds = load_dataset(path, subset, split=split)
+    return [dict(r) for r in ds], f"{path}[{split}]"
+
+
+def _require(row: dict, col: str, source: str, i: int) -> str:
+    value = row.get(col)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{source}, row {i} (0-based): missing column {col!r} (columns: {sorted(row)})")
+    return str(value)
+
+
+def _messages(text: str, system_prompt: str | None) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces matched."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def gsm8k(rows: list[dict], source: str, system_prompt: str | None = None, offset: int = 0) -> list[Prompt]:
+    """GSM8K rows {question, answer: '...#### 72'} -> prompts whose `answer` column is the final number."""
+    out = []
+    for i, r in enumerate(rows, start=offset):
+        q = _require(r, "question", source, i)
+        full = _require(r, "answer", source, i)
+        if "####" not in full:
+            raise DataError(f"{source}, row {i} (0-based): column 'answer' has no '#### <number>' final answer")
+        out.append(Prompt(f"gsm8k:{i}", _messages(f"{q}\n{GSM8K_INSTRUCTION}", system_prompt),
+                          {**r, "answer": full.split("####")[-1].strip().replace(",", ""), "solution": full}))
+    return out
+
+
+def math(rows: list[dict], source: str, system_prompt: str | None = None, offset: int = 0) -> list[Prompt]:
+    """MATH rows {problem, solution (with \\boxed{}), level, type} -> prompts whose `answer` is the boxed answer.
+    A row that already has an `answer` column (MATH-500 style) keeps it."""
+    out = []
+    for i, r in enumerate(rows, start=offset):
+        q = _require(r, "problem", source, i)
+        ans = r.get("answer")
+        if not ans:
+            sol = _require(r, "solution", source, i)
+            ans = last_boxed(sol)
+            if ans is None:
+                raise DataError(f"{source}, row {i} (0-based): column 'solution' has no \\boxed{{...}} answer")
+        out.append(Prompt(f"math:{i}", _messages(f"{q}\n{MATH_INSTRUCTION}", system_prompt), {**r, "answer": str(ans)}))
+    return out
+
+
+def prompt_file(rows: list[dict], source: str, prompt_column: str, answer_column: str, system_prompt: str | None = None,
+                offset: int = 0) -> list[Prompt]:
+    """Any rows with a prompt column and an answer column; the other columns ride along for rewards.
+    `offset` is the first row's number in its file (for error messages and uids)."""
+    out = []
+    for i, r in enumerate(rows, start=offset):
+        q = _require(r, prompt_column, source, i)
+        a = _require(r, answer_column, source, i)
+        out.append(Prompt(f"file:{i}", _messages(q, system_prompt), {**r, "answer": a}))
+    return out
