@@ -136,6 +136,7 @@ class EvalConfig:
 class CheckpointConfig:
     every: int = _f(0, "Checkpoint every N learner steps (0 = only at the end).")
     keep_last: int = _f(2, "Checkpoints kept in the run folder.")
+    min_free_gb: float = _f(1.0, "Refuse to start when the run folder's disk has less free space than this (GiB).")
     save_final_model: bool = _f(True, "Write the final model as a Hugging Face folder in the run folder.")
 
 
@@ -147,6 +148,9 @@ class LoggingConfig:
     project: str = _f("asymre", "wandb project.")
     tags: list[str] = _f([], "wandb tags.")
     progress: bool = _f(True, "Show a progress bar.")
+    collapse_entropy: float = _f(0.05, "Collapse signal: warn when the mean policy entropy on sampled tokens (nats) drops below this.")
+    collapse_distinct: float = _f(1.05, "Collapse signal: warn when distinct final answers per group drop below this.")
+    collapse_reward_drop: float = _f(0.3, "Collapse signal: warn when the reward average falls this far below its best.")
 
 
 @dataclass
@@ -162,6 +166,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resume: str = _f("none", "'auto' (newest complete checkpoint in the run folder, else start fresh), 'none', or a checkpoint path.")
 
 
 _CHOICES = {

@@ -143,15 +143,22 @@ class Learner:
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep + 1, use_cache=False)
         logits = out.logits[:, :-1]  # [b, keep, V]
         logp = token_logprobs(logits, labels)  # [b, keep]
+        with torch.no_grad():  # policy entropy on the sampled positions: a collapse signal
+            lf = logits.float()  # [b, keep, V]
+            ent = torch.logsumexp(lf, -1) - (torch.softmax(lf, -1) * lf).sum(-1)  # [b, keep]
+            entropy = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
         sel = torch.tensor(idx)
         lc = self.cfg.loss
         r = batch.rewards[sel].to(logp.device)  # [b]
         tgt = batch.targets[sel].to(logp.device)  # [b]
         if lc.name == "asymre":
-            return asymre_loss(logp, mask, r, tgt, lc.aggregation, normalizer)
-        if lc.name == "grpo":
-            return grpo_loss(logp, old, mask, tgt, lc.clip_eps, lc.aggregation, normalizer)
-        return reinforce_loss(logp, mask, r, lc.aggregation, normalizer)
+            loss, m = asymre_loss(logp, mask, r, tgt, lc.aggregation, normalizer)
+        elif lc.name == "grpo":
+            loss, m = grpo_loss(logp, old, mask, tgt, lc.clip_eps, lc.aggregation, normalizer)
+        else:
+            loss, m = reinforce_loss(logp, mask, r, lc.aggregation, normalizer)
+        m["loss/entropy"] = entropy
+        return loss, m
 
     def train_step(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
         """One optimiser step on `groups` (this rank's share). Returns metrics."""

@@ -27,10 +27,12 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from asymre.buffer import ReplayBuffer
+from asymre.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from asymre.config import Config, ConfigError, load_config, to_dict
 from asymre.evaluate import evaluate
 from asymre.learner import Learner
 from asymre.models import load_tokenizer, resolve_model
+from asymre.monitor import CollapseMonitor
 from asymre.rewards import RewardScorer
 from asymre.rollout import make_generator, resolve_backend
 from asymre.rollout.base import SamplingSpec
@@ -60,10 +62,7 @@ class AsymRERecipe:
         shard, shards = (0, 1) if self.async_mode else (acc.process_index, acc.num_processes)
         self.prompts = PromptStream(train, cfg.task.seed, shard, shards)
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            _check_run_dir(self.run_dir, cfg.checkpoint.min_free_gb)
         self.metrics = MetricsLogger(self.run_dir, list(cfg.logging.report_to), to_dict(cfg), cfg.logging.project,
                                      cfg.logging.run_name, list(cfg.logging.tags), enabled=self.main)
 
@@ -93,8 +92,51 @@ class AsymRERecipe:
             self.generator = None
         else:
             self.generator = make_generator(*gen_args)
+        lg = cfg.logging
+        self.monitor = CollapseMonitor(lg.collapse_entropy, lg.collapse_distinct, lg.collapse_reward_drop)
         self.rounds = 0
+        self.resumed_from = self._maybe_resume()
         log.info("setup done: backend=%s mode=%s model=%s run_dir=%s", self.backend, ro.mode, self.model_path, self.run_dir)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _trainer_state(self) -> dict:
+        engine_version = self.generator.version if self.generator is not None else self.learner.step
+        return {"learner_step": self.learner.step, "engine_version": engine_version, "rounds": self.rounds,
+                "buffer": self.buffer.state_dict(), "prompts": self.prompts.state_dict(),
+                "running_baseline": self.learner.running.state_dict(), "config": to_dict(self.cfg)}
+
+    def _save_checkpoint(self) -> None:
+        state = self._trainer_state()
+        behind = state["engine_version"] != self.learner.step
+        save_checkpoint(self.acc, self.run_dir, self.learner.step, state, self.last_pushed if behind else None,
+                        self.cfg.checkpoint.keep_last)
+
+    def _maybe_resume(self) -> str | None:
+        """resume=auto|PATH: restore learner, optimiser, schedule, buffer, prompt position and the engine's
+        behaviour weights, so the run continues exactly where the checkpoint left it."""
+        how = self.cfg.resume
+        if how == "none":
+            return None
+        path = latest_checkpoint(self.run_dir) if how == "auto" else Path(how)
+        if path is None:
+            log.info("resume=auto: no complete checkpoint in %s, starting fresh", self.run_dir)
+            return None
+        state, behaviour = load_checkpoint(self.acc, path)
+        self.learner.step = state["learner_step"]
+        self.rounds = state["rounds"]
+        self.buffer.load_state_dict(state["buffer"])
+        self.prompts.load_state_dict(state["prompts"])
+        self.learner.running.load_state_dict(state["running_baseline"])
+        weights = behaviour if behaviour is not None else self.learner.full_state_dict()
+        version = state["engine_version"] if behaviour is not None else self.learner.step
+        if self.async_mode:
+            if self.main:
+                self.sync.push(weights, version, self.pool.handles)
+        else:
+            self.sync.push(weights, version, [self.generator])
+        self.last_pushed = behaviour if behaviour is not None else self._behaviour_copy()
+        log.info("resumed from %s at learner step %d (engine version %d)", path, self.learner.step, version)
+        return str(path)
 
     def _worker_placement(self) -> list[tuple[dict, dict]]:
         """(factory kwargs, env) per worker: remote servers if given, else num_workers local engines,
@@ -182,8 +224,9 @@ class AsymRERecipe:
         return out
 
     def _behaviour_copy(self) -> dict:
-        """A copy of the weights just pushed, kept only when a mid-interval evaluation will need them back."""
-        if self.async_mode or not self.cfg.eval.every or self.cfg.sync.interval == 1:
+        """A host copy of the weights just pushed to the colocated engine: between pushes the engine lags the
+        learner, and evaluations and checkpoints need the behaviour weights back (one model's worth of memory)."""
+        if self.async_mode or self.cfg.sync.interval == 1:
             return {}
         return {k: v.detach().clone() for k, v in self.learner.full_state_dict().items()}
 
@@ -196,11 +239,13 @@ class AsymRERecipe:
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg
-        self.last_pushed = self._behaviour_copy()
-        first = self._evaluate("start") if cfg.eval.at_start else {}
+        if not hasattr(self, "last_pushed"):
+            self.last_pushed = self._behaviour_copy()
+        first = self._evaluate("start") if cfg.eval.at_start and self.resumed_from is None else {}
         if first:
             self.metrics.log(first, step=0)
-        bar = tqdm(total=cfg.learner.steps, desc="asymre", disable=not (self.main and cfg.logging.progress), dynamic_ncols=True)
+        bar = tqdm(total=cfg.learner.steps, initial=self.learner.step, desc="asymre", disable=not (self.main and cfg.logging.progress),
+                   dynamic_ncols=True)
         t_start = time.perf_counter()
         while self.learner.step < cfg.learner.steps:
             t0 = time.perf_counter()
@@ -216,14 +261,18 @@ class AsymRERecipe:
             m["rollout/staleness_max"] = float(max(staleness))
             m["rollout/completion_len"] = _mean([len(t.completion_ids) for g in groups for t in g.trajectories])
             m["rollout/stop_frac"] = _mean([t.finish_reason == "stop" for g in groups for t in g.trajectories])
+            m.update(self.monitor.update(m, groups))
             m["perf/step_seconds"] = time.perf_counter() - t0
             if cfg.eval.every and self.learner.step % cfg.eval.every == 0 and self.learner.step < cfg.learner.steps:
                 m.update(self._evaluate(f"step {self.learner.step}"))
             self.metrics.log(m, step=self.learner.step)
+            if cfg.checkpoint.every and self.learner.step % cfg.checkpoint.every == 0 and self.learner.step < cfg.learner.steps:
+                self._save_checkpoint()
             bar.update(1)
             bar.set_postfix(reward=f"{m.get('reward/mean', float('nan')):.3f}", stale=f"{m['rollout/staleness_mean']:.1f}",
                             loss=f"{m['loss/value']:.3f}")
         bar.close()
+        self._save_checkpoint()  # the final state, so a finished run can be extended with resume=auto
         if not self.async_mode and self.generator.version != self.learner.step:
             self._push_weights()  # the final policy goes to the engine, for the final evaluation
             self.last_pushed = {}
@@ -245,6 +294,22 @@ class AsymRERecipe:
             self.generator.close()
         self.scorer.close()
         self.metrics.close()
+
+
+def _check_run_dir(run_dir: Path, min_free_gb: float) -> None:
+    """Fail before any model loads if the run folder cannot be written or its disk is (nearly) full."""
+    import shutil
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RuntimeError(f"run folder {run_dir} is not writable: {e}") from e
+    free_gb = shutil.disk_usage(run_dir).free / 2**30
+    if free_gb < min_free_gb:
+        raise RuntimeError(f"run folder {run_dir}: only {free_gb:.2f} GiB free on its disk, below checkpoint.min_free_gb={min_free_gb}")
 
 
 def _mean(xs) -> float:

@@ -1,0 +1,68 @@
+"""Observability: metrics.jsonl always written, wandb offline without a key (said once), collapse signals
+warn and flag, and run curves plot to PNG."""
+
+import json
+import logging
+
+import pytest
+
+from asymre.data import Prompt, Trajectory, TrajectoryGroup
+from asymre.monitor import CollapseMonitor, distinct_answers
+from asymre.plot import plot_run
+from asymre.tracking import MetricsLogger, read_metrics
+
+
+def _group(texts):
+    return TrajectoryGroup(Prompt("p", [{"role": "user", "content": "q"}]), [Trajectory([1], [2], t, "stop", 0) for t in texts], 0)
+
+
+def test_metrics_jsonl_is_always_written(tmp_path):
+    ml = MetricsLogger(tmp_path, [], {"a": 1})
+    ml.log({"reward/mean": 0.5, "loss/value": float("nan")}, step=3)
+    ml.close()
+    rows = read_metrics(tmp_path)
+    assert rows[0]["step"] == 3 and rows[0]["reward/mean"] == 0.5 and rows[0]["loss/value"] is None
+
+
+def test_wandb_offline_without_key_said_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="asymre"):
+        ml = MetricsLogger(tmp_path, ["wandb"], {"loss": {"delta_v": -0.1}}, project="p", run_name="r", tags=["t"])
+        ml.log({"reward/mean": 1.0}, step=1)
+        ml.close()
+    assert sum("offline" in r.message for r in caplog.records) == 1
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, "wandb wrote no offline run"
+    assert read_metrics(tmp_path)[0]["reward/mean"] == 1.0  # wandb is never the only record
+
+
+def test_distinct_answers():
+    assert distinct_answers([_group(["5", "The answer is 5", "6"]), _group(["x", "x"])]) == pytest.approx(1.5)
+
+
+def test_collapse_monitor_flags_and_warns_once(caplog):
+    mon = CollapseMonitor(min_entropy=0.1, min_distinct=1.5, max_reward_drop=0.2, ema=0.0)
+    healthy = mon.update({"reward/mean": 0.8, "loss/entropy": 1.0}, [_group(["1", "2", "3"])])
+    assert healthy["collapse/entropy_flag"] == 0 and healthy["collapse/distinct_answers_flag"] == 0
+    with caplog.at_level(logging.WARNING, logger="asymre"):
+        for _ in range(3):
+            bad = mon.update({"reward/mean": 0.3, "loss/entropy": 0.01}, [_group(["7", "7", "7"])])
+    assert bad["collapse/entropy_flag"] == bad["collapse/distinct_answers_flag"] == bad["collapse/reward_drop_flag"] == 1.0
+    assert len([r for r in caplog.records if "collapse signal" in r.message]) == 3  # one per signal, not per step
+
+
+def test_plot_run_writes_png(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for s in range(1, 6):
+            f.write(json.dumps({"step": s, "reward/mean": s / 10, "loss/value": 1 / s, "loss/entropy": 2.0, "rollout/staleness_mean": 1.0}) + "\n")
+        f.write(json.dumps({"step": 5, "eval/pass@1": 0.9}) + "\n")
+    out = plot_run(tmp_path)
+    data = out.read_bytes()
+    assert out.name == "curves.png" and data[:4] == b"\x89PNG" and len(data) > 5000
+
+
+def test_plot_empty_run_is_an_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no metrics"):
+        plot_run(tmp_path)
