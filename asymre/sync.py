@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -30,14 +31,13 @@ def write_weights_folder(state_dict: dict[str, torch.Tensor], folder: str | Path
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    seen: dict[int, str] = {}
-    tensors = {}
+    # Every name is written, a tied lm_head too (as its own copy: safetensors refuses shared storage), because
+    # vLLM's CPU backend keeps a separately repacked lm_head that only an explicit lm_head.weight refreshes.
+    tensors, seen = {}, set()
     for k, v in state_dict.items():
-        ptr = v.data_ptr()
-        if ptr in seen and v.numel() > 0:
-            continue  # tied to an earlier tensor (lm_head = embed_tokens)
-        seen[ptr] = k
-        tensors[k] = v.detach().to("cpu").contiguous()
+        t = v.detach().to("cpu").contiguous()
+        tensors[k] = t.clone() if t.data_ptr() in seen else t
+        seen.add(t.data_ptr())
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if folder.exists():
         shutil.rmtree(folder)
@@ -54,7 +54,22 @@ def read_weights_folder(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]
 
 
 def run_with_timeout(fn, timeout_s: float, what: str):
-    """Run fn() in a helper thread; raise SyncTimeout naming `what` if it exceeds timeout_s."""
+    """Run fn() and raise SyncTimeout naming `what` if it exceeds timeout_s.
+
+    On the main thread a SIGALRM timer interrupts it (the call stays on this thread: vLLM's CPU backend
+    binds its OpenMP threads to the main thread, and the same reload ran twice as slow on a helper
+    thread). Elsewhere fn runs on a helper thread that is abandoned on timeout."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        def on_alarm(signum, frame):
+            raise SyncTimeout(f"weight push to {what} did not finish within sync.timeout_s={timeout_s}s")
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
     box: dict = {}
 
     def target():
