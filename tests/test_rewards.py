@@ -116,3 +116,18 @@ def test_unknown_reward_fails_before_any_model_loads(tmp_path, monkeypatch):
     recipe = mod.AsymRERecipe(load_config(None, ["reward.funcs=[no_such_reward]", f"logging.run_dir={tmp_path}"]))
     with pytest.raises(RewardError, match="no_such_reward"):
         recipe.setup()
+
+
+def test_format_and_length_rewards():
+    from asymre.rewards.builtin import boxed_format, just_number_format, length_penalty
+
+    assert boxed_format([""] * 3, ["so \\boxed{\\frac{1}{2}}", "boxed{2}", "answer: 2"]) == [1.0, 0.0, 0.0]
+    assert just_number_format([""] * 4, ["5", " 12. ", "5 apples", "2 + 3 = 5"]) == [1.0, 1.0, 0.0, 0.0]
+    assert length_penalty([""] * 3, ["", "x" * 1000, "x" * 5000]) == [0.0, -0.5, -1.0]
+
+
+def test_every_builtin_is_registered_and_resolvable():
+    from asymre.rewards.builtin import REGISTRY
+
+    for name, fn in REGISTRY.items():
+        assert resolve_reward(name) is fn
