@@ -10,7 +10,7 @@ CONFIG  ?= recipes/configs/smollm2_arithmetic_cpu.yaml
 ACCEL   ?= recipes/accelerate/cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast train bandit clean-venv
+.PHONY: install test test-fast train bench bench-trl bandit clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,14 @@ test-fast: install
 # The README's main job: AsymRE on the embedded model and the arithmetic task, on this CPU.
 train: install
 	$(BIN)/accelerate launch --config_file $(ACCEL) recipes/asymre.py --config $(CONFIG) $(ARGS)
+
+# Benchmarks (numbers go to docs/benchmarks.md). TRL is installed for the comparison only.
+bench: install
+	OMP_NUM_THREADS=2 $(BIN)/python bench/bench_loop.py
+
+bench-trl: install
+	$(BIN)/python -m pip install -q "trl==1.16.0"
+	OMP_NUM_THREADS=2 $(BIN)/python bench/bench_trl.py
 
 bandit: install
 	$(BIN)/python -m asymre.bandit --out runs/bandit

@@ -131,3 +131,10 @@ def test_every_builtin_is_registered_and_resolvable():
 
     for name, fn in REGISTRY.items():
         assert resolve_reward(name) is fn
+
+
+def test_builtins_accept_trl_conversational_completions():
+    """In TRL's GRPOTrainer with chat prompts, completions arrive as message lists: our rewards plug in there too."""
+    conv = [[{"role": "assistant", "content": "2 + 3 = 5"}], [{"role": "assistant", "content": "6"}]]
+    assert numeric(["", ""], conv, answer=["5", "5"]) == [1.0, 0.0]
+    assert first_number(["", ""], conv, answer=["5", "6"]) == [0.0, 1.0]

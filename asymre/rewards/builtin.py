@@ -2,7 +2,8 @@
 
 `prompts` and `completions` are strings (completion text only); dataset columns (e.g. `answer`) come
 as keyword lists aligned with them. `None` means "not applicable" and drops the sample from that
-function's vote.
+function's vote. Completions in TRL's conversational form (a list of {"role", "content"} messages) are
+accepted too, so these functions also plug into TRL's trainers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _texts(completions: list) -> list[str]:
+    """Plain strings, or TRL conversational completions [[{"role": "assistant", "content": ...}], ...]."""
+    return [c if isinstance(c, str) else "".join(m.get("content", "") for m in c) for c in completions]
 
 
 def _to_number(text: str) -> float | None:
@@ -29,6 +35,7 @@ def extract_number(text: str) -> float | None:
 
 def numeric(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
     """1.0 if the completion's final number equals the reference answer's, else 0.0."""
+    completions = _texts(completions)
     if answer is None:
         raise ValueError("reward 'numeric' needs an 'answer' column")
     out: list[float | None] = []
@@ -42,6 +49,7 @@ def numeric(prompts: list[str], completions: list[str], answer: list[str] | None
 def first_number(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
     """1.0 if the *first* number in the completion equals the reference: the answer must come first, as
     "answer with just the number" asks ("5" or "5." pass; "2 + 3 = 5" does not)."""
+    completions = _texts(completions)
     if answer is None:
         raise ValueError("reward 'first_number' needs an 'answer' column")
     out: list[float | None] = []
@@ -56,6 +64,7 @@ def first_number(prompts: list[str], completions: list[str], answer: list[str] |
 def math_verify(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
     """MATH answers: the completion's boxed/final answer checked against the reference with `math-verify`
     (symbolic equivalence: \\frac{1}{2} == 0.5, \\sqrt{8} == 2\\sqrt{2})."""
+    completions = _texts(completions)
     from math_verify import parse, verify
 
     if answer is None:
@@ -77,16 +86,19 @@ _BOXED = re.compile(r"\\boxed\{.+\}", re.S)
 
 def boxed_format(prompts: list[str], completions: list[str], **_) -> list[float | None]:
     """1.0 if the completion puts a final answer in \\boxed{...}, else 0.0."""
+    completions = _texts(completions)
     return [float(bool(_BOXED.search(c))) for c in completions]
 
 
 def just_number_format(prompts: list[str], completions: list[str], **_) -> list[float | None]:
     """1.0 if the completion is only a number (the arithmetic task's instruction), else 0.0."""
+    completions = _texts(completions)
     return [float(bool(re.fullmatch(r"\s*-?\d+(?:\.\d+)?\s*\.?\s*", c))) for c in completions]
 
 
 def length_penalty(prompts: list[str], completions: list[str], max_chars: int = 2000, **_) -> list[float | None]:
     """-len/max_chars, clipped to [-1, 0]: pair with a weight to discourage rambling."""
+    completions = _texts(completions)
     return [-min(len(c) / max_chars, 1.0) for c in completions]
 
 
