@@ -33,32 +33,31 @@ def extract_number(text: str) -> float | None:
     return _to_number(found[-1]) if found else None
 
 
-def numeric(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
-    """1.0 if the completion's final number equals the reference answer's, else 0.0."""
-    completions = _texts(completions)
+def _first_number(text: str) -> float | None:
+    found = _NUMBER.findall(text)
+    return _to_number(found[0]) if found else None
+
+
+def _match_numbers(name: str, completions: list, answer: list[str] | None, pick) -> list[float | None]:
+    """1.0 where pick(completion) equals the reference's number, 0.0 where not, None without a reference number."""
     if answer is None:
-        raise ValueError("reward 'numeric' needs an 'answer' column")
+        raise ValueError(f"reward {name!r} needs an 'answer' column")
     out: list[float | None] = []
-    for c, a in zip(completions, answer):
-        ref = extract_number(str(a))
-        got = extract_number(c)
+    for c, a in zip(_texts(completions), answer):
+        ref, got = extract_number(str(a)), pick(c)
         out.append(None if ref is None else float(got is not None and abs(got - ref) < 1e-6))
     return out
+
+
+def numeric(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
+    """1.0 if the completion's final number (after '####' if present) equals the reference answer's, else 0.0."""
+    return _match_numbers("numeric", completions, answer, extract_number)
 
 
 def first_number(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
     """1.0 if the *first* number in the completion equals the reference: the answer must come first, as
     "answer with just the number" asks ("5" or "5." pass; "2 + 3 = 5" does not)."""
-    completions = _texts(completions)
-    if answer is None:
-        raise ValueError("reward 'first_number' needs an 'answer' column")
-    out: list[float | None] = []
-    for c, a in zip(completions, answer):
-        ref = extract_number(str(a))
-        found = _NUMBER.findall(c)
-        got = _to_number(found[0]) if found else None
-        out.append(None if ref is None else float(got is not None and abs(got - ref) < 1e-6))
-    return out
+    return _match_numbers("first_number", completions, answer, _first_number)
 
 
 def math_verify(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
