@@ -4,8 +4,9 @@ A checkpoint `RUN/checkpoints/step-000040/` holds:
 - `accelerate/`: model (safetensors), optimiser, LR schedule and RNG states via `Accelerator.save_state`
   (so FSDP/DeepSpeed shards are handled by Accelerate; loaded back with `weights_only=True`);
 - `behaviour/model.safetensors`: the engine's (stale) behaviour weights, when they differ from the learner's;
-- `trainer_state.json`: learner step, policy version, replay-buffer contents, prompt-stream position,
-  running-baseline estimates, generation round counter: JSON only.
+- `trainer_state.json` (and `trainer_state.rankN.json` for other ranks): learner step, policy version,
+  replay-buffer contents, prompt-stream position, running-baseline estimates, generation round counter:
+  JSON only.
 It is written into a hidden temporary folder and renamed into place once complete, so a crash
 mid-write never leaves a checkpoint that `latest_checkpoint` would pick.
 """
@@ -22,6 +23,10 @@ import torch
 from asymre.sync import read_weights_folder, write_weights_folder
 
 COMPLETE = "COMPLETE"
+
+
+def _state_name(rank: int) -> str:
+    return "trainer_state.json" if rank == 0 else f"trainer_state.rank{rank}.json"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -49,10 +54,12 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+    # each rank's own buffer and prompt position (colocated ranks generate their own shares)
+    (tmp / _state_name(accelerator.process_index)).write_text(json.dumps(state))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if behaviour is not None:
             write_weights_folder(behaviour, tmp / "behaviour")
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
         (tmp / COMPLETE).write_text(str(step))
         if final.exists():
             shutil.rmtree(final)
@@ -70,6 +77,7 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict[str, Any], dict
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
     accelerator.load_state(str(path / "accelerate"))
-    state = json.loads((path / "trainer_state.json").read_text())
+    own = path / _state_name(accelerator.process_index)
+    state = json.loads((own if own.is_file() else path / _state_name(0)).read_text())
     behaviour = dict(read_weights_folder(path / "behaviour")) if (path / "behaviour").is_dir() else None
     return state, behaviour
