@@ -1,0 +1,76 @@
+"""The remote vLLM server worker's protocol, against a stand-in HTTP server on loopback that answers
+like vLLM's OpenAI-compatible and dev endpoints (a unit test of the client; no engine runs here)."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from asymre.config import load_config
+from asymre.rollout.base import SamplingSpec
+from asymre.rollout.remote import RemoteVLLMGenerator
+from asymre.tasks import build_task
+
+
+class _Handler(BaseHTTPRequestHandler):
+    calls: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def _reply(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.calls.append(("GET", self.path, None))
+        self._reply({"data": [{"id": "served-model"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+        self.calls.append(("POST", self.path, body))
+        if self.path == "/v1/completions":
+            n = body["n"]
+            self._reply({"choices": [{"text": "5", "token_ids": [33, 2], "finish_reason": "stop",
+                                      "logprobs": {"token_logprobs": [-0.1, -0.2]}} for _ in range(n)]})
+        else:
+            self._reply({})
+
+
+@pytest.fixture
+def server():
+    _Handler.calls = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_remote_generate_and_weight_push(server, model_path, tmp_path):
+    gen = RemoteVLLMGenerator(server, model_path)
+    assert gen.model_name == "served-model" and gen.remote
+    train, _ = build_task(load_config().task)
+    groups = gen.generate(train[:2], SamplingSpec(n=3, temperature=1.0, max_new_tokens=8, seed=4, logprobs=True))
+    assert len(groups) == 2 and all(len(g.trajectories) == 3 for g in groups)
+    t = groups[0].trajectories[0]
+    assert t.completion_ids == [33, 2] and t.finish_reason == "stop" and t.logprobs == [-0.1, -0.2] and t.version == 0
+    req = [c for c in _Handler.calls if c[1] == "/v1/completions"][0][2]
+    assert req["prompt"] == t.prompt_ids and req["n"] == 3 and req["seed"] == 4 and req["max_tokens"] == 8 and req["logprobs"] == 0
+
+    gen.load_weights(str(tmp_path), version=7)
+    rpc = [c for c in _Handler.calls if c[1] == "/collective_rpc"][0][2]
+    assert rpc == {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path)}}
+    assert [c[1] for c in _Handler.calls][-1] == "/reset_prefix_cache" and gen.version == 7
+    with pytest.raises(ValueError, match="sync.method=disk"):
+        gen.load_weights(iter([]), 8)
+
+
+def test_unreachable_server_is_named(model_path):
+    with pytest.raises(RuntimeError, match="127.0.0.1:9"):
+        RemoteVLLMGenerator("http://127.0.0.1:9", model_path, timeout_s=2)
