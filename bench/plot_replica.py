@@ -17,7 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asymre.checkpoint import latest_checkpoint  # noqa: E402
 from asymre.plot import series  # noqa: E402
 from asymre.tracking import read_metrics  # noqa: E402
 
@@ -26,8 +25,7 @@ PANELS = [("eval/pass@1", "held-out pass@1 (greedy)"), ("reward/mean", "training
 
 
 def delta_v_of(run: Path) -> float:
-    ck = latest_checkpoint(run)
-    return json.loads((ck / "trainer_state.json").read_text())["config"]["loss"]["delta_v"]
+    return json.loads((run / "config.json").read_text())["loss"]["delta_v"]
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ What it leaves out: a KL term, a reference model and importance ratios (AsymRE n
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -63,6 +64,7 @@ class AsymRERecipe:
         self.prompts = PromptStream(train, cfg.task.seed, shard, shards)
         if self.main:
             _check_run_dir(self.run_dir, cfg.checkpoint.min_free_gb)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))  # the resolved config
         self.metrics = MetricsLogger(self.run_dir, list(cfg.logging.report_to), to_dict(cfg), cfg.logging.project,
                                      cfg.logging.run_name, list(cfg.logging.tags), enabled=self.main)
 
