@@ -43,7 +43,7 @@ def main() -> None:
     from asymre.sync import WeightSync
     from asymre.tasks import build_task
     from asymre.tracking import read_metrics
-    from tests.recipe_utils import load_recipe_module
+    from tests.recipe_utils import run_recipe
 
     cfg_path = ROOT / "recipes/configs/smollm2_arithmetic_cpu.yaml"
     cfg = load_config(cfg_path)
@@ -104,15 +104,8 @@ def main() -> None:
 
     # --- the recipe's own loop: where a step's time goes
     with tempfile.TemporaryDirectory() as tmp:
-        mod = load_recipe_module()
-        rcfg = load_config(cfg_path, [f"learner.steps={a.steps}", "eval.at_start=false", "eval.at_end=false",
-                                      "checkpoint.save_final_model=false", f"logging.run_dir={tmp}", "logging.progress=false"])
-        recipe = mod.AsymRERecipe(rcfg)
-        recipe.setup()
-        try:
-            recipe.train()
-        finally:
-            recipe.cleanup()
+        run_recipe(load_config(cfg_path, [f"learner.steps={a.steps}", "eval.at_start=false", "eval.at_end=false",
+                                          "checkpoint.save_final_model=false", f"logging.run_dir={tmp}", "logging.progress=false"]))
         rows = [m for m in read_metrics(tmp) if "perf/step_seconds" in m][1:]  # skip the first (warm-up) step
     step = sum(m["perf/step_seconds"] for m in rows)
     gen_s = sum(m.get("perf/generation_seconds", 0.0) for m in rows)

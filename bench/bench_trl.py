@@ -121,7 +121,7 @@ def main() -> None:
     from asymre.rollout.hf import HFGenerator
     from asymre.tasks import build_task
     from asymre.tracking import read_metrics
-    from tests.recipe_utils import load_recipe_module
+    from tests.recipe_utils import run_recipe
 
     cfg_path = ROOT / "recipes/configs/smollm2_arithmetic_cpu.yaml"
     cfg = load_config(cfg_path)
@@ -171,15 +171,9 @@ def main() -> None:
         res["learning"] = []
         for seed in a.seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                mod = load_recipe_module()
                 rcfg = load_config(cfg_path, [f"learner.steps={a.learn_steps}", f"learner.seed={seed}", f"rollout.seed={seed}",
                                               "checkpoint.save_final_model=false", f"logging.run_dir={tmp}", "logging.progress=false"])
-                recipe = mod.AsymRERecipe(rcfg)
-                recipe.setup()
-                try:
-                    summary = recipe.train()
-                finally:
-                    recipe.cleanup()
+                summary = run_recipe(rcfg)
                 samples = sum(m.get("learner/trajectories", 0) for m in read_metrics(tmp))
             with tempfile.TemporaryDirectory() as tmp:
                 trl_prompts = [train[i % len(train)] for i in range(8 * a.learn_steps)]

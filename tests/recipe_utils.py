@@ -11,3 +11,13 @@ def load_recipe_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def run_recipe(cfg) -> dict:
+    """setup -> train -> cleanup of the AsymRE recipe in this process; returns train()'s summary."""
+    recipe = load_recipe_module().AsymRERecipe(cfg)
+    recipe.setup()
+    try:
+        return recipe.train()
+    finally:
+        recipe.cleanup()

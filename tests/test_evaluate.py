@@ -15,7 +15,7 @@ from asymre.rewards import RewardScorer
 from asymre.rollout.base import SamplingSpec
 from asymre.tasks import build_task
 from asymre.tracking import read_metrics
-from tests.recipe_utils import load_recipe_module
+from tests.recipe_utils import run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,13 +61,7 @@ def test_periodic_eval_restores_behaviour_weights_and_standalone_eval(tmp_path, 
         "learner.groups_per_step=2", "learner.steps=3", "learner.lr=1e-4", "sync.interval=2", "buffer.max_staleness=1",
         "eval.every=1", "eval.at_start=false", "eval.max_new_tokens=6", "task.eval_size=4", "logging.progress=false",
         f"logging.run_dir={run}"])
-    mod = load_recipe_module()
-    recipe = mod.AsymRERecipe(cfg)
-    recipe.setup()
-    try:
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    run_recipe(cfg)
     rows = read_metrics(run)
     steps = {r["step"]: r for r in rows if "loss/value" in r}
     assert "eval/pass@1" in steps[1] and "eval/pass@1" in steps[2]

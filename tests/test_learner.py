@@ -78,12 +78,10 @@ def test_micro_batching_equals_full_batch_gradient(tiny_model_path, loss, aggreg
         learner = _learner(tiny_model_path, **{"loss.name": loss, "loss.aggregation": aggregation, "learner.micro_batch_tokens": budget})
         batch = learner.build_batch(_groups())
         norm = len(batch.seqs) if aggregation == "seq_mean" else sum(batch.completion_lens)
-        from asymre.learner import bucket_by_length as bucket
-
-        micro = bucket([len(s) for s in batch.seqs], budget)
+        micro = bucket_by_length([len(s) for s in batch.seqs], budget)
         for idx in micro:
-            l, _ = learner._micro_loss(batch, idx, norm)
-            l.backward()
+            loss_mb, _ = learner._micro_loss(batch, idx, norm)
+            loss_mb.backward()
         grads.append((len(micro), torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None])))
     assert grads[0][0] == 1 and grads[1][0] > 2
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)

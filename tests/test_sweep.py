@@ -1,7 +1,6 @@
 """Sweeps: every shipped sweep validates each run's config (the paper's GPU sweeps included, which cannot
 run here), and a bad run is named before anything starts."""
 
-from pathlib import Path
 
 import pytest
 
