@@ -33,7 +33,11 @@ class ReplayBuffer:
         return len(self.groups)
 
     def add(self, groups: list[TrajectoryGroup]) -> None:
+        """Buffer scored groups; a group none of whose samples got a reward is dropped (and counted)."""
         for g in groups:
+            if not any(t.reward is not None and t.completion_ids for t in g.trajectories):
+                self.counts["dropped_unscored"] += 1
+                continue
             self.groups.append(g)
             self.counts["added"] += 1
         while len(self.groups) > self.capacity:

@@ -211,6 +211,14 @@ def validate(cfg: Config) -> Config:
     if cfg.buffer.max_staleness < cfg.sync.interval - 1:
         raise ConfigError(f"buffer.max_staleness={cfg.buffer.max_staleness} is below sync.interval - 1 = {cfg.sync.interval - 1}: "
                           "between two weight pushes the engine's groups grow that stale, so the learner would starve")
+    if cfg.buffer.capacity < max(cfg.learner.groups_per_step, cfg.buffer.min_groups):
+        raise ConfigError(f"buffer.capacity={cfg.buffer.capacity} cannot hold one step's groups "
+                          f"(learner.groups_per_step={cfg.learner.groups_per_step}, buffer.min_groups={cfg.buffer.min_groups})")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1 (0 would delete the checkpoint just written)")
+    for key in ("sync.timeout_s", "reward.timeout_s", "rollout.worker_timeout_s"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be > 0: every wait has a deadline")
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.funcs):
         raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} entries for {len(cfg.reward.funcs)} reward.funcs")
     if len(cfg.learner.betas) != 2:

@@ -48,7 +48,9 @@ log = logging.getLogger("asymre")
 class AsymRERecipe:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.acc = Accelerator(cpu=not _has_gpu())
+        # step_scheduler_with_optimizer=False: one LR-schedule step per learner step (Accelerate would
+        # otherwise step it once per process, running the schedule num_processes times too fast).
+        self.acc = Accelerator(cpu=not _has_gpu(), step_scheduler_with_optimizer=False)
         self.main = self.acc.is_main_process
         self.run_dir = Path(cfg.logging.run_dir)
 
@@ -73,6 +75,10 @@ class AsymRERecipe:
         self.tokenizer = load_tokenizer(self.model_path)
         self.learner = Learner(cfg, self.model_path, acc)
         self.learner.pad_id = self.tokenizer.pad_token_id
+        need = max(cfg.learner.groups_per_step * (acc.num_processes if cfg.rollout.mode == "async" else 1), cfg.buffer.min_groups)
+        if cfg.buffer.capacity < need:
+            raise ConfigError(f"buffer.capacity={cfg.buffer.capacity} cannot hold one step's {need} groups "
+                              f"(learner.groups_per_step x ranks, or buffer.min_groups)")
         self.buffer = ReplayBuffer(cfg.buffer.capacity, cfg.buffer.max_staleness, cfg.buffer.sampling, cfg.buffer.max_reuse, cfg.learner.seed)
         self.sync = WeightSync(cfg.sync.interval, cfg.sync.method, cfg.sync.timeout_s, self.run_dir / "sync")
 
@@ -115,7 +121,9 @@ class AsymRERecipe:
 
     def _maybe_resume(self) -> str | None:
         """resume=auto|PATH: restore learner, optimiser, schedule, buffer, prompt position and the engine's
-        behaviour weights, so the run continues exactly where the checkpoint left it."""
+        behaviour weights. Colocated, the run continues exactly where the checkpoint left it; in async mode
+        the workers restart from the learner's weights at the checkpoint and requests that were in flight
+        are not replayed (their prompts are skipped)."""
         how = self.cfg.resume
         if how == "none":
             return None
@@ -233,10 +241,14 @@ class AsymRERecipe:
         return {k: v.detach().clone() for k, v in self.learner.full_state_dict().items()}
 
     def eval_engine(self):
-        """Async mode: an in-process engine for evaluation, built on first use, loaded with the learner's weights."""
+        """Async mode: an in-process engine for evaluation on the main process, built on first use, loaded
+        with the learner's weights (gathered on every rank: a collective under FSDP/DeepSpeed)."""
+        state = self.learner.full_state_dict()
+        if not self.main:
+            return None
         if getattr(self, "_eval_gen", None) is None:
             self._eval_gen = make_generator("hf", self.model_path, self.cfg.model.dtype)
-        self._eval_gen.load_weights(iter(self.learner.full_state_dict().items()), self.learner.step)
+        self._eval_gen.load_weights(iter(state.items()), self.learner.step)
         return self._eval_gen
 
     def train(self) -> dict[str, float]:
@@ -281,6 +293,8 @@ class AsymRERecipe:
         last = self._evaluate("end") if cfg.eval.at_end else {}
         if last:
             self.metrics.log(last, step=self.learner.step)
+        if cfg.checkpoint.save_final_model:
+            self.learner.save_model(str(self.run_dir / "final_model"), self.tokenizer)
         summary = {"train/seconds": time.perf_counter() - t_start}
         if first and last:
             summary.update({"eval/pass@1_start": first["eval/pass@1"], "eval/pass@1_end": last["eval/pass@1"]})
@@ -288,8 +302,7 @@ class AsymRERecipe:
 
     # ---------------------------------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
-        if self.cfg.checkpoint.save_final_model:
-            self.learner.save_model(str(self.run_dir / "final_model"), self.tokenizer)
+        """Close resources only (also after a failure: a partial model is never saved as final_model)."""
         if self.pool is not None:
             self.pool.close()
         if self.generator is not None:

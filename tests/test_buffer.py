@@ -72,3 +72,13 @@ def test_state_round_trip_through_json():
     c.load_state_dict(state)
     assert [g.to_dict() for g in c.groups] == [g.to_dict() for g in b.groups]
     assert [g.prompt.uid for g in c.sample(2, 4)] == [g.prompt.uid for g in b.sample(2, 4)]  # same RNG stream
+
+
+def test_group_without_any_scored_sample_is_not_buffered():
+    """Such a group would give the learner nothing to train on (and, under DDP, one rank an empty step)."""
+    b = ReplayBuffer(max_staleness=10)
+    dead = _group(0, "dead")
+    for t in dead.trajectories:
+        t.reward = None
+    b.add([dead, _group(0, "ok")])
+    assert [g.prompt.uid for g in b.groups] == ["ok"] and b.counts["dropped_unscored"] == 1

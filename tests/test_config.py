@@ -38,6 +38,9 @@ def test_yaml_and_overrides_merge(tmp_path):
         (["reward.weights=[1,2]"], "reward.weights"),
         (["sync.interval=8", "buffer.max_staleness=3"], "buffer.max_staleness"),
         (["rollout.backend=tensorrt"], "rollout.backend"),
+        (["buffer.capacity=4", "learner.groups_per_step=8"], "buffer.capacity"),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+        (["sync.timeout_s=0"], "sync.timeout_s"),
     ],
 )
 def test_bad_override_names_the_key(overrides, key):

@@ -19,7 +19,7 @@ def test_two_ranks_hold_identical_weights(tmp_path, model_path):
     cmd = [str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_ddp2.yaml", "--main_process_port", "29533",
            "tests/scripts/ddp_recipe.py", str(tmp_path),
            "rollout.backend=hf", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
-           "learner.groups_per_step=2", "learner.steps=2", "learner.lr=1e-4", "sync.interval=1", "buffer.max_staleness=0",
+           "learner.groups_per_step=2", "learner.steps=2", "learner.lr=1e-4", "learner.warmup_steps=4", "sync.interval=1", "buffer.max_staleness=0",
            "eval.at_start=false", "eval.at_end=false", "checkpoint.save_final_model=false", "logging.progress=false",
            f"logging.run_dir={tmp_path}/run"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -30,3 +30,5 @@ def test_two_ranks_hold_identical_weights(tmp_path, model_path):
     assert ranks[0]["after"] == ranks[1]["after"], "DDP ranks diverged"
     assert ranks[0]["after"] != ranks[0]["before"], "no training happened"
     assert ranks[0]["prompts"] != ranks[1]["prompts"], "ranks saw the same data: the test would prove nothing"
+    # one schedule step per learner step, not one per process: after 2 of 4 warm-up steps lr = 3/4 * 1e-4
+    assert ranks[0]["lr"] == ranks[1]["lr"] == pytest.approx(0.75e-4)

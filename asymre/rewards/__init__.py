@@ -2,14 +2,15 @@
 score trajectory groups with a per-call timeout, never letting a bad reward kill the run.
 
 A reward is a plain callable `f(prompts, completions, **columns) -> list[float | None]`, TRL's shape,
-so a TRL reward function works unchanged. Design choice: calls run in a thread pool with a timeout
-(cheap, shares memory); the alternative, a process pool, could kill a hung call but costs a pickle
-of every batch. A call that hangs is abandoned and its samples dropped; it cannot be killed.
+so a TRL reward function works unchanged. Design choice: each call runs on its own daemon thread with a
+timeout (cheap, shares memory); the alternative, a process pool, could kill a hung call but costs a
+pickle of every batch. A call that hangs is abandoned (its daemon thread never blocks exit) and its
+samples dropped; it cannot be killed.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import threading
 import importlib
 import math
 from collections import Counter
@@ -55,17 +56,25 @@ class RewardScorer:
     def __post_init__(self) -> None:
         self.funcs = [resolve_reward(s) for s in self.specs]
         self.weights = list(self.weights) or [1.0] * len(self.funcs)
-        self._pool = cf.ThreadPoolExecutor(max_workers=max(2, len(self.funcs)), thread_name_prefix="reward")
 
     def _call(self, i: int, prompts: list[str], completions: list[str], columns: dict[str, list]) -> tuple[list[float | None], str | None]:
         """One function over the batch. Returns (values, failure reason or None)."""
-        fut = self._pool.submit(self.funcs[i], prompts, completions, **columns)
-        try:
-            values = fut.result(timeout=self.timeout_s)
-        except cf.TimeoutError:
+        box: dict = {}
+
+        def call():
+            try:
+                box["values"] = self.funcs[i](prompts, completions, **columns)
+            except Exception:  # noqa: BLE001 - a reward raising is counted, never fatal on its own
+                box["raised"] = True
+
+        th = threading.Thread(target=call, name=f"reward:{self.specs[i]}", daemon=True)
+        th.start()
+        th.join(self.timeout_s)
+        if th.is_alive():
             return [None] * len(completions), "timeout"
-        except Exception:  # noqa: BLE001 - a reward raising is counted, never fatal on its own
+        if box.get("raised"):
             return [None] * len(completions), "raised"
+        values = box.get("values")
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             return [None] * len(completions), "wrong_length"
         out: list[float | None] = []
@@ -121,4 +130,4 @@ class RewardScorer:
         return metrics
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to release: abandoned calls live on daemon threads."""

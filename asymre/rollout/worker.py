@@ -2,7 +2,8 @@
 
 Each worker process owns one `Generator` (built in the child from a picklable factory), scores its own
 groups with the reward functions (off the learner's critical path), and answers three messages:
-generate, load weights (from a safetensors folder: the 'disk' sync method), stop. The learner's main
+generate, load weights (from a safetensors folder: the 'disk' sync method), stop; weights and stop
+travel on a control queue that is read before the next queued generation request. The learner's main
 process talks to them through a `WorkerPool`, which notices a dead or silent worker within
 `worker_timeout_s`, restarts it up to `max_restarts` times (re-sending its unfinished requests and
 the latest weights), and otherwise raises `WorkerError` naming the worker. Nothing here can hang
@@ -26,8 +27,21 @@ class WorkerError(RuntimeError):
     """A generation worker died, went silent, or raised; the message names it."""
 
 
+def _next_message(ctrl_q, req_q):
+    """Control messages (weights, stop) jump the queue of generation requests."""
+    while True:
+        try:
+            return ctrl_q.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            return req_q.get(timeout=0.05)
+        except queue.Empty:
+            continue
+
+
 def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwargs: dict, env: dict, scorer_args: dict | None,
-                 req_q, out_q) -> None:
+                 req_q, ctrl_q, out_q) -> None:
     try:
         import os
 
@@ -40,7 +54,7 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
             scorer = RewardScorer(**scorer_args)
         out_q.put(("ready", index, None))
         while True:
-            msg = req_q.get()
+            msg = _next_message(ctrl_q, req_q)
             kind = msg[0]
             if kind == "stop":
                 break
@@ -71,6 +85,7 @@ class _Worker:
     index: int
     proc: Any = None
     req_q: Any = None
+    ctrl_q: Any = None
     pending: dict[int, tuple] = field(default_factory=dict)  # request id -> (prompts, spec)
     last_heard: float = 0.0
     restarts: int = 0
@@ -114,9 +129,10 @@ class WorkerPool:
 
     def _spawn(self, w: _Worker) -> None:
         w.req_q = self.ctx.Queue()
+        w.ctrl_q = self.ctx.Queue()
         w.proc = self.ctx.Process(target=_worker_main, name=f"asymre-worker-{w.index}", daemon=True,
                                   args=(w.index, self.factory, self.factory_args, *self.per_worker[w.index], self.scorer_args,
-                                        w.req_q, self.out_q))
+                                        w.req_q, w.ctrl_q, self.out_q))
         w.proc.start()
         w.last_heard = time.monotonic()
 
@@ -146,8 +162,8 @@ class WorkerPool:
         w.last_heard = time.monotonic()
         if kind == "groups":
             rid, groups, metrics = payload
-            w.pending.pop(rid, None)
-            self.results.append((index, groups, metrics))
+            if w.pending.pop(rid, None) is not None:  # else a duplicate from a worker killed mid-send
+                self.results.append((index, groups, metrics))
         elif kind == "reward_error":
             rid, err = payload
             w.pending.pop(rid, None)
@@ -182,7 +198,7 @@ class WorkerPool:
         self._spawn(w)
         self._wait_ready([w.index])
         if self.latest_weights is not None:
-            w.req_q.put(("weights", *self.latest_weights))
+            w.ctrl_q.put(("weights", *self.latest_weights))
         for rid, (prompts, spec) in pending.items():
             w.req_q.put(("generate", rid, prompts, spec))
 
@@ -222,7 +238,7 @@ class WorkerPool:
         """Send a weight folder to one worker and wait for its acknowledgement."""
         self.latest_weights = (path, version)
         w = self.workers[index]
-        w.req_q.put(("weights", path, version))
+        w.ctrl_q.put(("weights", path, version))  # ahead of queued generation requests
         deadline = time.monotonic() + (timeout_s or self.worker_timeout_s)
         while w.version != version:
             self._handle(self._get(deadline, f"worker {index} to load weights version {version}"))
@@ -230,7 +246,7 @@ class WorkerPool:
     def close(self) -> None:
         for w in self.workers:
             try:
-                w.req_q.put(("stop",))
+                w.ctrl_q.put(("stop",))
             except Exception:  # noqa: BLE001
                 pass
         for w in self.workers:

@@ -41,7 +41,8 @@ def main() -> None:
     after = checksum(recipe.learner.unwrapped())
     rank = recipe.acc.process_index
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": recipe.acc.num_processes, "before": before, "after": after,
-                                                       "prompts": seen, "backend": str(recipe.acc.distributed_type)}))
+                                                       "prompts": seen, "backend": str(recipe.acc.distributed_type),
+                                                       "lr": recipe.learner.scheduler.get_last_lr()[0]}))
     recipe.cleanup()
 
 
