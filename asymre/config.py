@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for recipes)
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -269,12 +269,9 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]
     """(dotted key, default, help) for every leaf field: for docs and `--help`."""
     rows: list[tuple[str, Any, str]] = []
     for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
-            sub = {c.__name__: c for c in (ModelConfig, TaskConfig, RewardConfig, RolloutConfig, BufferConfig, LossConfig,
-                                           LearnerConfig, SyncConfig, EvalConfig, CheckpointConfig, LoggingConfig)}[f.type if isinstance(f.type, str) else f.type.__name__]
-            rows += describe(sub, key + ".")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            rows += describe(type(default), f"{prefix}{f.name}.")
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append((key, default, f.metadata.get("help", "")))
+            rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
     return rows

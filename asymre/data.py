@@ -60,19 +60,3 @@ class TrajectoryGroup:
             version=d["version"],
             uses=d.get("uses", 0),
         )
-
-
-@dataclass
-class Batch:
-    """What the learner trains on in one step: scored groups plus the learner version they were drawn at."""
-
-    groups: list[TrajectoryGroup]
-    learner_version: int
-
-    @property
-    def staleness(self) -> list[int]:
-        return [self.learner_version - g.version for g in self.groups]
-
-    @property
-    def num_trajectories(self) -> int:
-        return sum(len(g.trajectories) for g in self.groups)

@@ -97,7 +97,6 @@ class WeightSync:
         self.timeout_s = timeout_s
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="asymre-sync-"))
         self.pushes = 0
-        self.last_seconds = 0.0
 
     def due(self, learner_step: int) -> bool:
         return learner_step > 0 and learner_step % self.interval == 0
@@ -124,5 +123,4 @@ class WeightSync:
         else:
             raise ValueError(f"sync.method={method!r}: expected 'inprocess' or 'disk'")
         self.pushes += 1
-        self.last_seconds = time.perf_counter() - t0
-        return self.last_seconds
+        return time.perf_counter() - t0
