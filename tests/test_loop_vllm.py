@@ -83,3 +83,47 @@ def test_vllm_generate_buffer_learn_push(engine, model_path, tmp_path):
     disk.push(learner.full_state_dict(), 2, [engine])
     assert engine.version == 2
     assert torch.allclose(torch.tensor(engine.logprobs_of(fixed.prompt_ids, fixed.completion_ids)), second, atol=1e-3)
+
+
+def _hf_state(model_path, noise: float, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise)
+    return dict(model.state_dict())
+
+
+def test_fast_refresh_matches_vllm_reload(engine, model_path):
+    """Our push (model.load_weights + re-packing) must leave the engine exactly where vLLM's own
+    reload_weights does, for the same weights."""
+    tok = engine.tokenizer
+    pid, cid = tok("What is 2 + 3?").input_ids, tok(" The answer is 5.").input_ids
+    state = _hf_state(model_path, noise=0.01)
+    engine.load_weights(iter(state.items()), 7)
+    assert engine.fast_refresh is True  # the embedded model is unquantized: the fast path is the one taken
+    ours = engine.logprobs_of(pid, cid)
+    engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items()), "is_checkpoint_format": True})
+    engine.llm.reset_prefix_cache()
+    assert engine.logprobs_of(pid, cid) == ours
+    engine.load_weights(iter(_hf_state(model_path, noise=0.0).items()), 8)
+    assert max(abs(a - b) for a, b in zip(engine.logprobs_of(pid, cid), ours)) > 0.05  # and it does move
+
+
+@pytest.mark.parametrize("drop, named", [("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.qkv_proj.weight"),
+                                         ("model.norm.weight", "model.norm.weight")])
+def test_partial_push_is_refused_and_engine_stays_usable(engine, model_path, drop, named):
+    """A push missing a tensor (here: one shard of a fused layer, or a whole norm) names it, and the layer
+    keeps its previous weights instead of serving uninitialised memory."""
+    tok = engine.tokenizer
+    pid, cid = tok("What is 2 + 3?").input_ids, tok(" The answer is 5.").input_ids
+    state = _hf_state(model_path, noise=0.0)
+    engine.load_weights(iter(state.items()), 1)
+    before = engine.logprobs_of(pid, cid)
+    del state[drop]
+    with pytest.raises(RuntimeError, match=named.replace(".", r"\.")):
+        engine.load_weights(iter(state.items()), 2)
+    assert engine.version == 1
+    assert engine.logprobs_of(pid, cid) == pytest.approx(before, abs=1e-5)
