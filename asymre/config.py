@@ -118,7 +118,8 @@ class LearnerConfig:
 @dataclass
 class SyncConfig:
     interval: int = _f(250, "Push learner weights to the engines every N learner steps (the paper's N = 250).")
-    method: str = _f("auto", "'auto' (inprocess when colocated, else disk), 'inprocess' (colocated engine) or 'disk' (safetensors folder).")
+    method: str = _f("auto", "'auto' (inprocess when colocated, else disk), 'inprocess' (colocated engine), 'broadcast' "
+                             "(worker processes, over NCCL on GPUs / gloo on CPU) or 'disk' (safetensors folder).")
     timeout_s: float = _f(300.0, "A push or wait longer than this fails with an error.")
 
 
@@ -177,7 +178,7 @@ _CHOICES = {
     "loss.baseline": {"group_mean", "leave_one_out", "constant", "running"},
     "loss.aggregation": {"seq_mean", "token_mean"},
     "learner.lr_schedule": {"constant", "linear", "cosine"},
-    "sync.method": {"auto", "inprocess", "disk"},
+    "sync.method": {"auto", "inprocess", "broadcast", "disk"},
     "eval.preset": {"greedy", "paper"},
     "reward.scale": {"01", "pm1"},
 }
@@ -206,6 +207,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not one of auto, vllm, hf, or a 'pkg.module:factory' path")
     if (cfg.rollout.devices or cfg.rollout.server_urls) and cfg.rollout.mode != "async":
         raise ConfigError("rollout.devices / rollout.server_urls need rollout.mode=async (separate generation workers)")
+    if cfg.sync.method == "broadcast" and (cfg.rollout.mode != "async" or cfg.rollout.server_urls):
+        raise ConfigError("sync.method=broadcast streams weights to generation worker processes: it needs rollout.mode=async "
+                          "and no rollout.server_urls (remote servers load a folder: sync.method=disk)")
+    if cfg.sync.method == "inprocess" and cfg.rollout.mode == "async":
+        raise ConfigError("sync.method=inprocess reaches only a colocated engine; with rollout.mode=async use 'broadcast' or 'disk'")
     if cfg.buffer.max_staleness < 0:
         raise ConfigError(f"buffer.max_staleness={cfg.buffer.max_staleness} must be >= 0")
     if cfg.buffer.max_staleness < cfg.sync.interval - 1:

@@ -1,10 +1,12 @@
 """Weight sync: every `sync.interval` learner steps (the paper's N) push the learner's weights into every
 engine and bump the policy version.
 
-Methods: 'inprocess' hands tensors to a colocated engine by reference; 'disk' writes one safetensors
-folder (atomically) that worker processes or remote vLLM servers load, the portable fallback.
-Every push runs under `sync.timeout_s`: past it, a `SyncTimeout` names the engine, never a silent hang.
-Left out: NCCL broadcast into engines on other GPUs (needs a GPU vLLM to test against).
+Methods: 'inprocess' hands tensors to a colocated engine by reference; 'broadcast' streams them to
+worker processes over a `WeightChannel` (a torch.distributed process group per worker: NCCL when the
+learner is on a GPU, so the weights go GPU to GPU; gloo on CPU); 'disk' writes one safetensors folder
+(atomically) that worker processes or remote vLLM servers load, the portable fallback.
+Every push runs under `sync.timeout_s`: past it, a `SyncTimeout` (or the channel's own timeout) names the
+engine, never a silent hang.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import tempfile
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -31,8 +34,9 @@ def write_weights_folder(state_dict: dict[str, torch.Tensor], folder: str | Path
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    # Every name is written, a tied lm_head too (as its own copy: safetensors refuses shared storage), because
-    # vLLM's CPU backend keeps a separately repacked lm_head that only an explicit lm_head.weight refreshes.
+    # Every name is written, a tied lm_head too (as its own copy: safetensors refuses shared storage): a remote
+    # server loads the folder with vLLM's reload_weights, which on CPU re-packs the LM head only when an
+    # explicit lm_head.weight arrives.
     tensors, seen = {}, set()
     for k, v in state_dict.items():
         t = v.detach().to("cpu").contiguous()
@@ -51,6 +55,80 @@ def read_weights_folder(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]
         raise FileNotFoundError(f"no .safetensors file in weight folder {folder}")
     for f in files:
         yield from load_file(str(f)).items()
+
+
+class WeightChannel:
+    """A two-member process group, learner (rank 0) -> one worker process (rank 1), for weight pushes.
+
+    Built from its own TCPStore, outside torch.distributed's default group, so it never touches the
+    learners' DDP/FSDP group and a restarted worker only rebuilds its own channel. Backend 'nccl' (the
+    weights travel GPU to GPU; the worker receives into its generation GPU) or 'gloo' (CPU). The learner
+    side is made in two halves: `listen()` opens the store (its port goes to the worker), `connect()`
+    then meets the worker; every collective fails after `timeout_s` instead of hanging."""
+
+    def __init__(self, host: str, port: int, rank: int, backend: str, timeout_s: float, store=None):
+        import torch.distributed as dist
+
+        self.host, self.rank, self.backend, self.timeout_s = host, rank, backend, timeout_s
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.store = store if store is not None else dist.TCPStore(host, port, world_size=2, is_master=False,
+                                                                    timeout=timedelta(seconds=timeout_s))
+        self.port = self.store.port
+        self.group = None
+
+    @classmethod
+    def listen(cls, backend: str, timeout_s: float, host: str = "127.0.0.1") -> "WeightChannel":
+        import torch.distributed as dist
+
+        store = dist.TCPStore(host, 0, world_size=2, is_master=True, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False)
+        return cls(host, store.port, 0, backend, timeout_s, store=store)
+
+    def connect(self) -> "WeightChannel":
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=self.timeout_s)
+        if self.backend == "gloo":
+            self.group = dist.ProcessGroupGloo(self.store, self.rank, 2, timeout)
+        elif self.backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.group = dist.ProcessGroupNCCL(self.store, self.rank, 2, opts)
+        else:
+            raise ValueError(f"weight channel backend {self.backend!r}: expected 'nccl' or 'gloo'")
+        return self
+
+    @staticmethod
+    def describe(state_dict: dict[str, torch.Tensor]) -> list[tuple[str, tuple, str, str | None]]:
+        """(name, shape, dtype, alias): a tensor shared under two names (a tied lm_head) is sent once."""
+        first: dict[tuple, str] = {}
+        meta = []
+        for name, t in state_dict.items():
+            key = (t.device, t.data_ptr(), tuple(t.shape), t.dtype)
+            meta.append((name, tuple(t.shape), str(t.dtype).removeprefix("torch."), first.get(key)))
+            first.setdefault(key, name)
+        return meta
+
+    def send(self, state_dict: dict[str, torch.Tensor], meta: list) -> None:
+        for name, _, _, alias in meta:
+            if alias is None:
+                t = state_dict[name].detach().to(self.device).contiguous()
+                self.group.broadcast(t, 0).wait()
+
+    def receive(self, meta: list) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) as each arrives, so the engine loads while the rest is in flight."""
+        got: dict[str, torch.Tensor] = {}
+        for name, shape, dtype, alias in meta:
+            if alias is not None:
+                yield name, got[alias]
+                continue
+            buf = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            self.group.broadcast(buf, 0).wait()
+            got[name] = buf
+            yield name, buf
+
+    def close(self) -> None:
+        self.group = self.store = None
 
 
 def run_with_timeout(fn, timeout_s: float, what: str):
@@ -114,6 +192,12 @@ class WeightSync:
             path = write_weights_folder(state_dict, self.folder / "latest")
             for i, t in enumerate(targets):
                 run_with_timeout(lambda t=t: t.load_weights(path, version), self.timeout_s, f"engine {i} ({type(t).__name__})")
+        elif method == "broadcast":
+            for i, t in enumerate(targets):
+                if not hasattr(t, "broadcast_weights"):
+                    raise ValueError(f"sync.method=broadcast reaches worker processes only; engine {i} "
+                                     f"({type(t).__name__}) takes 'inprocess' (colocated) or 'disk' (remote server)")
+                t.broadcast_weights(state_dict, version, self.timeout_s)
         elif method == "inprocess":
             for i, t in enumerate(targets):
                 if getattr(t, "remote", False):
@@ -121,6 +205,6 @@ class WeightSync:
                 run_with_timeout(lambda t=t: t.load_weights(iter(state_dict.items()), version), self.timeout_s,
                                  f"engine {i} ({type(t).__name__})")
         else:
-            raise ValueError(f"sync.method={method!r}: expected 'inprocess' or 'disk'")
+            raise ValueError(f"sync.method={method!r}: expected 'inprocess', 'broadcast' or 'disk'")
         self.pushes += 1
         return time.perf_counter() - t0

@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_loop.py [--repeats 3] [--steps 6] [--out bench/results/loop.json]
 
 Reports: learner tokens/s; generation tokens/s through the framework vs the raw vLLM engine on the same
-token ids and sampling parameters; weight-push seconds (in-process and through a safetensors folder);
+token ids and sampling parameters; weight-push seconds (in-process, through a safetensors folder, and vLLM's own reload_weights for reference;
+and into an engine in a worker process, by broadcast (gloo here) and by folder);
 and, over a real run of the recipe, the share of step time spent outside generation, forward/backward,
 the optimiser step (and the weight push). All numbers come from one run, so ratios are comparable.
 """
@@ -21,6 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def _timed_vllm_reload(gen, state) -> float:
+    t0 = time.perf_counter()
+    gen.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items()), "is_checkpoint_format": True})
+    gen.llm.reset_prefix_cache()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -97,10 +105,32 @@ def main() -> None:
         disk = WeightSync(1, "disk", 120, tmp)
         ip = [inproc.push(learner.full_state_dict(), 10 + i, [gen]) for i in range(a.repeats + 1)][1:]
         dk = [disk.push(learner.full_state_dict(), 20 + i, [gen]) for i in range(a.repeats + 1)][1:]
+        # reference: the same weights through vLLM's own reload_weights (what our push replaces)
+        vr = [_timed_vllm_reload(gen, learner.full_state_dict()) for _ in range(a.repeats + 1)][1:]
     res["push_seconds_inprocess"] = statistics.median(ip)
     res["push_seconds_disk"] = statistics.median(dk)
+    res["push_seconds_vllm_reload_weights"] = statistics.median(vr)
+    res["push_fast_path"] = bool(gen.fast_refresh)
     gen.close()
-    del gen, learner
+    del gen
+
+    # --- weight push into a vLLM engine in a worker process (async mode): broadcast vs disk
+    from asymre.rollout import make_generator
+    from asymre.rollout.worker import WorkerPool
+
+    pool = WorkerPool(1, make_generator, ("vllm", path, "float32", 0, ro.max_prompt_tokens + ro.max_new_tokens,
+                                          ro.max_prompt_tokens, 0.5, ro.kv_cache_gb), None, worker_timeout_s=300)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            bc = WeightSync(1, "broadcast", 120, tmp)
+            dk = WeightSync(1, "disk", 120, tmp)
+            wb = [bc.push(learner.full_state_dict(), 30 + i, pool.handles) for i in range(a.repeats + 1)][1:]
+            wd = [dk.push(learner.full_state_dict(), 40 + i, pool.handles) for i in range(a.repeats + 1)][1:]
+    finally:
+        pool.close()
+    res["push_seconds_worker_broadcast"] = statistics.median(wb)
+    res["push_seconds_worker_disk"] = statistics.median(wd)
+    del learner
 
     # --- the recipe's own loop: where a step's time goes
     with tempfile.TemporaryDirectory() as tmp:

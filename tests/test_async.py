@@ -25,14 +25,15 @@ def _cfg(tmp_path, *extra):
         "checkpoint.save_final_model=false", f"logging.run_dir={tmp_path}/run", "logging.progress=false", *extra])
 
 
-def test_slow_generator_overlaps_learning_and_staleness_is_bounded(tmp_path, monkeypatch, model_path):
+@pytest.mark.parametrize("method", ["disk", "broadcast"])
+def test_slow_generator_overlaps_learning_and_staleness_is_bounded(tmp_path, monkeypatch, model_path, method):
     """If workers and learner ran in lock-step, no generation interval would overlap a learner step;
     if eviction were broken, a step could train on groups older than buffer.max_staleness."""
     log = tmp_path / "gen.jsonl"
     monkeypatch.setenv("ASYMRE_FAKE_GEN_LOG", str(log))
     monkeypatch.setenv("ASYMRE_FAKE_GEN_SLEEP", "1.5")
     mod = load_recipe_module()
-    recipe = mod.AsymRERecipe(_cfg(tmp_path))
+    recipe = mod.AsymRERecipe(_cfg(tmp_path, f"sync.method={method}"))
     recipe.setup()
     steps = []
     real_step = recipe.learner.train_step

@@ -1,9 +1,10 @@
 """Generation workers in their own processes, so generation overlaps learning (async mode).
 
 Each worker process owns one `Generator` (built in the child from a picklable factory), scores its own
-groups with the reward functions (off the learner's critical path), and answers three messages:
-generate, load weights (from a safetensors folder: the 'disk' sync method), stop; weights and stop
-travel on a control queue that is read before the next queued generation request. The learner's main
+groups with the reward functions (off the learner's critical path), and answers: generate; load
+weights from a safetensors folder (the 'disk' sync method) or from its `WeightChannel` (the 'broadcast'
+method: NCCL on GPUs, gloo on CPU; the channel is opened by a 'channel' message on first use); stop.
+Weights and stop travel on a control queue that is read before the next queued generation request. The learner's main
 process talks to them through a `WorkerPool`, which notices a dead or silent worker within
 `worker_timeout_s`, restarts it up to `max_restarts` times (re-sending its unfinished requests and
 the latest weights), and otherwise raises `WorkerError` naming the worker. Nothing here can hang
@@ -21,6 +22,12 @@ from typing import Any, Callable
 
 from asymre.data import Prompt, TrajectoryGroup
 from asymre.rollout.base import SamplingSpec
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class WorkerError(RuntimeError):
@@ -47,7 +54,7 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
 
         os.environ.update(env)  # e.g. CUDA_VISIBLE_DEVICES: this worker's generation GPU, set before any CUDA init
         gen = factory(*factory_args, **factory_kwargs)
-        scorer = None
+        scorer, channel = None, None
         if scorer_args is not None:
             from asymre.rewards import RewardScorer
 
@@ -61,6 +68,15 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
             if kind == "weights":
                 _, path, version = msg
                 gen.load_weights(path, version)
+                out_q.put(("loaded", index, version))
+            elif kind == "channel":
+                from asymre.sync import WeightChannel
+
+                _, host, port, backend, timeout_s = msg
+                channel = WeightChannel(host, port, 1, backend, timeout_s).connect()
+            elif kind == "weights_broadcast":
+                _, meta, version = msg
+                gen.load_weights(channel.receive(meta), version)
                 out_q.put(("loaded", index, version))
             elif kind == "generate":
                 _, rid, prompts, spec = msg
@@ -86,6 +102,7 @@ class _Worker:
     proc: Any = None
     req_q: Any = None
     ctrl_q: Any = None
+    channel: Any = None  # learner end of its WeightChannel (sync.method=broadcast), opened on first push
     pending: dict[int, tuple] = field(default_factory=dict)  # request id -> (prompts, spec)
     last_heard: float = 0.0
     restarts: int = 0
@@ -103,6 +120,9 @@ class WorkerHandle:
     def load_weights(self, path: str, version: int) -> None:
         self.pool.push_weights(self.index, path, version)
 
+    def broadcast_weights(self, state_dict: dict, version: int, timeout_s: float | None = None) -> None:
+        self.pool.broadcast_weights(self.index, state_dict, version, timeout_s)
+
 
 class WorkerPool:
     def __init__(self, num_workers: int, factory: Callable, factory_args: tuple, scorer_args: dict | None = None,
@@ -117,7 +137,7 @@ class WorkerPool:
         self.workers = [_Worker(i) for i in range(num_workers)]
         self.results: list[tuple[int, list[TrajectoryGroup], dict]] = []
         self.reward_errors: list[str] = []
-        self.latest_weights: tuple[str, int] | None = None
+        self.latest_weights: tuple[str, int] | dict | None = None  # (folder, version) or broadcast state
         self._next_rid = 0
         for w in self.workers:
             self._spawn(w)
@@ -195,10 +215,14 @@ class WorkerPool:
         w.proc.join(timeout=10)
         w.restarts += 1
         pending = dict(w.pending)
+        w.channel = None
         self._spawn(w)
         self._wait_ready([w.index])
-        if self.latest_weights is not None:
+        if isinstance(self.latest_weights, tuple):
             w.ctrl_q.put(("weights", *self.latest_weights))
+        elif self.latest_weights is not None:  # broadcast: the learner's weights now, tagged with the last push
+            state_dict, version = self.latest_weights["state"], self.latest_weights["version"]
+            self.broadcast_weights(w.index, state_dict, version)
         for rid, (prompts, spec) in pending.items():
             w.req_q.put(("generate", rid, prompts, spec))
 
@@ -240,6 +264,38 @@ class WorkerPool:
         w = self.workers[index]
         w.ctrl_q.put(("weights", path, version))  # ahead of queued generation requests
         deadline = time.monotonic() + (timeout_s or self.worker_timeout_s)
+        while w.version != version:
+            self._handle(self._get(deadline, f"worker {index} to load weights version {version}"))
+
+    def broadcast_weights(self, index: int, state_dict: dict, version: int, timeout_s: float | None = None) -> None:
+        """Stream `state_dict` to one worker over its WeightChannel and wait for its acknowledgement.
+
+        The first push opens the channel (NCCL when this process has a GPU, else gloo). The state dict is
+        kept by reference for a worker restarted before the next push (under DDP that is the live weights,
+        so a restarted worker may run weights up to sync.interval - 1 steps newer than their version tag)."""
+        from asymre.sync import WeightChannel
+
+        timeout_s = timeout_s or self.worker_timeout_s
+        self.latest_weights = {"state": state_dict, "version": version}
+        w = self.workers[index]
+        try:
+            if w.channel is None:
+                backend = "nccl" if torch_cuda_available() else "gloo"
+                channel = WeightChannel.listen(backend, timeout_s)
+                w.ctrl_q.put(("channel", channel.host, channel.port, backend, timeout_s))
+                w.channel = channel.connect()
+            meta = WeightChannel.describe(state_dict)
+            w.ctrl_q.put(("weights_broadcast", meta, version))
+            w.channel.send(state_dict, meta)
+        except Exception as e:  # noqa: BLE001 - a dead peer or a timeout inside the collective
+            w.channel = None
+            w.proc.join(timeout=1.0)
+            if w.proc.exitcode is None or w.restarts >= self.max_restarts:
+                raise WorkerError(f"weight broadcast to generation worker {index} failed "
+                                  f"({'still running' if w.proc.exitcode is None else f'exit code {w.proc.exitcode}'}): {e}") from e
+            self._restart(w, f"exited with code {w.proc.exitcode} during a weight broadcast")  # re-sends these weights
+            return
+        deadline = time.monotonic() + timeout_s
         while w.version != version:
             self._handle(self._get(deadline, f"worker {index} to load weights version {version}"))
 

