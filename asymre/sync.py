@@ -104,31 +104,46 @@ class WeightChannel:
         first: dict[tuple, str] = {}
         meta = []
         for name, t in state_dict.items():
-            key = (t.device, t.data_ptr(), tuple(t.shape), t.dtype)
+            key = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
             meta.append((name, tuple(t.shape), str(t.dtype).removeprefix("torch."), first.get(key)))
             first.setdefault(key, name)
         return meta
 
+    def _broadcast(self, t: torch.Tensor) -> None:
+        # wait(timeout) blocks this thread until the tensor is through (for NCCL too, whose plain wait()
+        # only orders the CUDA stream), so a dead or stalled peer ends in an error here, not a hang later
+        self.group.broadcast(t, 0).wait(timedelta(seconds=self.timeout_s))
+
     def send(self, state_dict: dict[str, torch.Tensor], meta: list) -> None:
         for name, _, _, alias in meta:
             if alias is None:
-                t = state_dict[name].detach().to(self.device).contiguous()
-                self.group.broadcast(t, 0).wait()
+                self._broadcast(state_dict[name].detach().to(self.device).contiguous())
 
     def receive(self, meta: list) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) as each arrives, so the engine loads while the rest is in flight."""
-        got: dict[str, torch.Tensor] = {}
+        """Yield (name, tensor) as each arrives, so the engine loads while the rest is in flight; only a
+        tensor that a later name aliases is kept (one model's worth of extra memory would not fit a GPU)."""
+        needed = {alias for _, _, _, alias in meta if alias is not None}
+        kept: dict[str, torch.Tensor] = {}
         for name, shape, dtype, alias in meta:
             if alias is not None:
-                yield name, got[alias]
+                yield name, kept[alias]
                 continue
             buf = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self.group.broadcast(buf, 0).wait()
-            got[name] = buf
+            self._broadcast(buf)
+            if name in needed:
+                kept[name] = buf
             yield name, buf
+            del buf  # this generator's frame must not be what keeps it alive
 
     def close(self) -> None:
-        self.group = self.store = None
+        """Abort the group (frees a NCCL communicator stuck on a dead peer) and drop it."""
+        group, self.group, self.store = self.group, None, None
+        abort = getattr(group, "abort", None)
+        if abort is not None:
+            try:
+                abort()
+            except Exception:  # noqa: BLE001 - best effort on an already broken group
+                pass
 
 
 def run_with_timeout(fn, timeout_s: float, what: str):

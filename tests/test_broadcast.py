@@ -29,6 +29,58 @@ def test_describe_sends_a_tied_tensor_once():
                     ("lm_head.weight", (4, 3), "float32", "embed.weight")]
 
 
+def test_describe_does_not_alias_a_transposed_view():
+    w = torch.randn(3, 3)
+    meta = WeightChannel.describe({"a": w, "b": w.t()})
+    assert [m[3] for m in meta] == [None, None]
+
+
+class _LoopbackGroup:
+    """Stands in for the process group in a unit test: 'receives' a tensor filled with a counter."""
+
+    def __init__(self):
+        self.n = 0
+
+    def broadcast(self, t, root):
+        self.n += 1
+        t.fill_(self.n)
+        return self
+
+    def wait(self, timeout=None):
+        return True
+
+
+def test_receive_keeps_only_tensors_a_later_name_aliases():
+    """Holding every received tensor until the end would need a second model's worth of (GPU) memory."""
+    import gc
+    import weakref
+
+    ch = WeightChannel.__new__(WeightChannel)
+    ch.group, ch.device, ch.timeout_s = _LoopbackGroup(), torch.device("cpu"), 1.0
+    meta = [("embed", (4,), "float32", None), ("norm", (2,), "float32", None), ("lm_head", (4,), "float32", "embed")]
+    refs, values = {}, {}
+    for name, t in ch.receive(meta):
+        refs[name], values[name] = weakref.ref(t), t.tolist()
+        del t
+        gc.collect()
+        if name == "lm_head":
+            assert refs["norm"]() is None  # dropped as soon as the engine was done with it
+            assert refs["embed"]() is not None  # kept for its alias
+    assert values == {"embed": [1.0] * 4, "norm": [2.0] * 2, "lm_head": [1.0] * 4}
+
+
+def test_broadcast_on_gpu_needs_separate_worker_gpus(model_path, monkeypatch):
+    import asymre.rollout.worker as worker_mod
+
+    pool = _pool(model_path, "tests.fakes:SlowGenerator", worker_timeout_s=60)
+    try:
+        monkeypatch.setattr(worker_mod, "torch_cuda_available", lambda: True)
+        with pytest.raises(ValueError, match="rollout.devices"):
+            WeightSync(interval=1, method="broadcast", timeout_s=10).push({"w": torch.zeros(2)}, 1, pool.handles)
+    finally:
+        pool.close()
+
+
 def test_config_refuses_broadcast_where_it_cannot_reach():
     with pytest.raises(ConfigError, match="rollout.mode=async"):
         load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", ["sync.method=broadcast"])

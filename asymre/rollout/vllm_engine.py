@@ -107,8 +107,12 @@ class VLLMGenerator:
         del llm
 
 
+def _engine_worker(worker):
+    return getattr(worker, "worker", worker)  # a WorkerWrapperBase or the worker itself
+
+
 def _engine_model(worker):
-    worker = getattr(worker, "worker", worker)  # a WorkerWrapperBase or the worker itself
+    worker = _engine_worker(worker)
     return worker.model_runner.model if hasattr(worker, "model_runner") else worker.get_model()
 
 
@@ -122,51 +126,72 @@ def _processed_layers(model):
 
 
 def refresh_supported(worker) -> bool:
-    """Engine side: True when every weight-bearing layer is unquantized (their processing can be re-run)."""
+    """Engine side: True when every weight-bearing layer is unquantized (their processing can be re-run)
+    and the model has no model-level post-load hook (which vLLM's own reload does not re-run either)."""
     try:
         from vllm.model_executor.layers.linear import LinearBase
 
         model = _engine_model(worker)
         processed = {id(m) for _, m in _processed_layers(model)}
+        _engine_worker(worker).vllm_config.model_config.dtype
     except (ImportError, AttributeError):
         return False
     quantized = [m for m in model.modules() if getattr(m, "quant_method", None) is not None and id(m) not in processed]
     linear_ok = all(hasattr(m, a) for _, m in _processed_layers(model) if isinstance(m, LinearBase)
                     for a in ("input_size_per_partition", "output_partition_sizes", "params_dtype", "weight_loader"))
-    return not quantized and linear_ok and hasattr(model, "load_weights")
+    return (not quantized and linear_ok and hasattr(model, "load_weights")
+            and not hasattr(model, "process_weights_after_loading"))
 
 
 def refresh_weights(worker, weights) -> int:
-    """Engine side: load Hugging Face-named `weights` into the live model and re-run its post-load processing.
+    """Engine side: load Hugging Face-named `weights` into the live model and re-run its post-load processing:
+    each unquantized layer's quant method (on CPU: the oneDNN re-packing), then the attention layers' own
+    hook (e.g. MLA's folded projections), in vLLM's order.
 
-    Layers whose plain weight was freed after packing (vLLM's CPU linear layers) get a new one to load
-    into first, and count what their loaders receive. A layer that did not receive all of it keeps its
-    previously packed weights, and the push stops with an error naming it (as does any engine parameter
-    that no pushed tensor reached), rather than serving a half-updated policy."""
+    Layers whose plain weight was freed after packing (vLLM's CPU linear layers) first get a new one to
+    load into. Every linear layer counts what its loaders receive; a push that leaves one short (a missing
+    shard of a fused layer) or leaves any parameter untouched is refused with an error naming them, and
+    the run stops. Refused CPU layers keep their previously packed weights; layers that got all their data
+    are already updated, so the engine then holds a mix (on GPU the short layer is partly overwritten)."""
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
     from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, LinearBase
 
     model = _engine_model(worker)
+    dtype = _engine_worker(worker).vllm_config.model_config.dtype
     layers = _processed_layers(model)
-    restaged, expected, received = {}, {}, {}
+    restaged, expected, received, original_loaders = {}, {}, {}, {}
     for name, m in layers:
-        if isinstance(m, LinearBase) and m.weight.numel() == 0:
+        if not isinstance(m, LinearBase):
+            continue
+        if m.weight.numel() == 0:
             restaged[name] = m.weight
             v2 = type(m.quant_method).__name__ in WEIGHT_LOADER_V2_SUPPORTED and hasattr(m, "weight_loader_v2")
-            loader = _counting(m.weight_loader_v2 if v2 else m.weight_loader, received, name)
             m.quant_method.create_weights(m, m.input_size_per_partition, m.output_partition_sizes, m.input_size,
-                                          m.output_size, m.params_dtype, weight_loader=loader)
-            expected[name] = m.weight.numel()
-    loaded = model.load_weights(weights)
-    partial = sorted(n for n in restaged if received.get(n, 0) < expected[n])
+                                          m.output_size, m.params_dtype,
+                                          weight_loader=m.weight_loader_v2 if v2 else m.weight_loader)
+            if hasattr(m, "update_param_tp_status"):
+                m.update_param_tp_status()
+        original_loaders[name] = m.weight.weight_loader
+        expected[name] = m.weight.numel()
+        m.weight.weight_loader = _counting(m.weight.weight_loader, received, name)
+    try:
+        loaded = model.load_weights(weights)
+    finally:  # the counters live for this push only
+        for name, loader in original_loaders.items():
+            model.get_submodule(name).weight.weight_loader = loader
+    short = sorted(n for n in expected if received.get(n, 0) < expected[n])
     for name, m in layers:
-        if name in partial:
+        if name in restaged and name in short:
             m.register_parameter("weight", restaged[name])  # back to its packed handle from the last push
         else:
             m.quant_method.process_weights_after_loading(m)
+    for m in model.modules():
+        if is_deferred_attention_layer(m):
+            m.process_weights_after_loading(dtype)
     not_loaded = [] if loaded is None else sorted(  # (a model whose load_weights reports nothing is not checked)
         {n for n, _ in model.named_parameters()} - set(loaded) - {f"{n}.weight" for n in restaged})
-    if partial or not_loaded:
-        what = [f"{n}.weight" for n in partial] + not_loaded
+    if short or not_loaded:
+        what = [f"{n}.weight" for n in short] + not_loaded
         raise RuntimeError(f"weight push: {len(what)} engine weight(s) got no or partial data, e.g. {what[:3]}; "
                            "check that the learner's parameter names match the engine's model")
     return len(loaded or ())

@@ -215,14 +215,17 @@ class WorkerPool:
         w.proc.join(timeout=10)
         w.restarts += 1
         pending = dict(w.pending)
-        w.channel = None
+        if w.channel is not None:
+            w.channel.close()
+            w.channel = None
+        w.version = -1  # the new process has its initial weights until it acknowledges a push
         self._spawn(w)
         self._wait_ready([w.index])
         if isinstance(self.latest_weights, tuple):
             w.ctrl_q.put(("weights", *self.latest_weights))
         elif self.latest_weights is not None:  # broadcast: the learner's weights now, tagged with the last push
-            state_dict, version = self.latest_weights["state"], self.latest_weights["version"]
-            self.broadcast_weights(w.index, state_dict, version)
+            latest = self.latest_weights
+            self.broadcast_weights(w.index, latest["state"], latest["version"], latest["timeout_s"])
         for rid, (prompts, spec) in pending.items():
             w.req_q.put(("generate", rid, prompts, spec))
 
@@ -276,20 +279,27 @@ class WorkerPool:
         from asymre.sync import WeightChannel
 
         timeout_s = timeout_s or self.worker_timeout_s
-        self.latest_weights = {"state": state_dict, "version": version}
+        self.latest_weights = {"state": state_dict, "version": version, "timeout_s": timeout_s}
         w = self.workers[index]
         try:
             if w.channel is None:
                 backend = "nccl" if torch_cuda_available() else "gloo"
+                if backend == "nccl" and "CUDA_VISIBLE_DEVICES" not in self.per_worker[index][1]:
+                    raise ValueError("sync.method=broadcast on GPUs needs each worker on its own GPU (rollout.devices): "
+                                     "NCCL cannot connect two ranks on one device")
                 channel = WeightChannel.listen(backend, timeout_s)
                 w.ctrl_q.put(("channel", channel.host, channel.port, backend, timeout_s))
                 w.channel = channel.connect()
             meta = WeightChannel.describe(state_dict)
             w.ctrl_q.put(("weights_broadcast", meta, version))
             w.channel.send(state_dict, meta)
+        except ValueError:
+            raise
         except Exception as e:  # noqa: BLE001 - a dead peer or a timeout inside the collective
-            w.channel = None
-            w.proc.join(timeout=1.0)
+            if w.channel is not None:
+                w.channel.close()
+                w.channel = None
+            w.proc.join(timeout=10.0)  # a worker that crashed may still be tearing its engine down
             if w.proc.exitcode is None or w.restarts >= self.max_restarts:
                 raise WorkerError(f"weight broadcast to generation worker {index} failed "
                                   f"({'still running' if w.proc.exitcode is None else f'exit code {w.proc.exitcode}'}): {e}") from e
