@@ -21,3 +21,12 @@ def run_recipe(cfg) -> dict:
         return recipe.train()
     finally:
         recipe.cleanup()
+
+
+def worker_pool(model_path, backend: str, **kw):
+    """One generation worker process with `backend` (a real one, or a fake from tests/fakes.py) on the
+    embedded model, small enough for CPU tests."""
+    from asymre.rollout import make_generator
+    from asymre.rollout.worker import WorkerPool
+
+    return WorkerPool(1, make_generator, (backend, model_path, "float32", 0, 256, 128, 0.5, 0.5), None, **kw)

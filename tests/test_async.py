@@ -7,12 +7,12 @@ import time
 import pytest
 
 from asymre.config import load_config
-from asymre.rollout.worker import WorkerError, WorkerPool
+from asymre.rollout.worker import WorkerError
 from asymre.rollout.base import SamplingSpec
 from asymre.sync import SyncTimeout, WeightSync
 from asymre.tasks import build_task
 from asymre.tracking import read_metrics
-from tests.recipe_utils import load_recipe_module
+from tests.recipe_utils import load_recipe_module, worker_pool
 
 pytestmark = pytest.mark.slow
 
@@ -60,18 +60,13 @@ def test_slow_generator_overlaps_learning_and_staleness_is_bounded(tmp_path, mon
     assert all(m["sync/seconds"] > 0 for m in metrics if "sync/seconds" in m)
 
 
-def _pool(model_path, backend, **kw):
-    from asymre.rollout import make_generator
-
-    return WorkerPool(1, make_generator, (backend, model_path), None, **kw)
-
 
 def test_dead_worker_is_restarted_then_reported(model_path, monkeypatch):
     """A worker that dies is restarted (its request re-sent); past max_restarts the error names it."""
     monkeypatch.setenv("ASYMRE_FAKE_GEN_SLEEP", "0.1")
     monkeypatch.setenv("ASYMRE_FAKE_DIE_AT", "1")  # every incarnation dies on its first request
     train, _ = build_task(load_config().task)
-    pool = _pool(model_path, "tests.fakes:DyingGenerator", worker_timeout_s=30, max_restarts=1)
+    pool = worker_pool(model_path, "tests.fakes:DyingGenerator", worker_timeout_s=30, max_restarts=1)
     try:
         pool.submit(train[:1], SamplingSpec(n=1, max_new_tokens=4))
         t0 = time.time()
@@ -85,7 +80,7 @@ def test_dead_worker_is_restarted_then_reported(model_path, monkeypatch):
 
 
 def test_weight_push_to_hanging_worker_times_out(model_path, tmp_path):
-    pool = _pool(model_path, "tests.fakes:HangingGenerator", worker_timeout_s=60)
+    pool = worker_pool(model_path, "tests.fakes:HangingGenerator", worker_timeout_s=60)
     try:
         sync = WeightSync(interval=1, method="disk", timeout_s=2.0, folder=tmp_path)
         import torch

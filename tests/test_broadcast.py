@@ -9,17 +9,13 @@ import torch
 from asymre.config import ConfigError, load_config
 from asymre.loss import token_logprobs
 from asymre.rollout.base import SamplingSpec
-from asymre.rollout.worker import WorkerError, WorkerPool
+from asymre.rollout.worker import WorkerError
 from asymre.sync import WeightChannel, WeightSync
 from asymre.tasks import build_task
+from tests.recipe_utils import worker_pool
 
 pytestmark = pytest.mark.slow
 
-
-def _pool(model_path, backend, **kw):
-    from asymre.rollout import make_generator
-
-    return WorkerPool(1, make_generator, (backend, model_path, "float32", 0, 256, 128, 0.5, 0.5), None, **kw)
 
 
 def test_describe_sends_a_tied_tensor_once():
@@ -72,7 +68,7 @@ def test_receive_keeps_only_tensors_a_later_name_aliases():
 def test_broadcast_on_gpu_needs_separate_worker_gpus(model_path, monkeypatch):
     import asymre.rollout.worker as worker_mod
 
-    pool = _pool(model_path, "tests.fakes:SlowGenerator", worker_timeout_s=60)
+    pool = worker_pool(model_path, "tests.fakes:SlowGenerator", worker_timeout_s=60)
     try:
         monkeypatch.setattr(worker_mod, "torch_cuda_available", lambda: True)
         with pytest.raises(ValueError, match="rollout.devices"):
@@ -101,7 +97,7 @@ def test_broadcast_reaches_the_vllm_engine_in_a_worker_process(model_path):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.01)
     train, _ = build_task(load_config().task)
-    pool = _pool(model_path, "vllm", worker_timeout_s=300)
+    pool = worker_pool(model_path, "vllm", worker_timeout_s=300)
     try:
         seconds = WeightSync(interval=1, method="broadcast", timeout_s=120).push(model.state_dict(), 5, pool.handles)
         assert pool.workers[0].version == 5 and seconds > 0
@@ -130,7 +126,7 @@ def test_restarted_worker_gets_the_broadcast_weights_again(model_path, monkeypat
     monkeypatch.setenv("ASYMRE_FAKE_GEN_SLEEP", "0.1")
     monkeypatch.setenv("ASYMRE_FAKE_DIE_AT", "2")  # each incarnation dies on its second request
     train, _ = build_task(load_config().task)
-    pool = _pool(model_path, "tests.fakes:DyingGenerator", worker_timeout_s=60, max_restarts=1)
+    pool = worker_pool(model_path, "tests.fakes:DyingGenerator", worker_timeout_s=60, max_restarts=1)
     try:
         WeightSync(interval=1, method="broadcast", timeout_s=60).push({"w": torch.ones(8), "v": torch.zeros(2)}, 3, pool.handles)
         versions = []
@@ -148,7 +144,7 @@ def test_restarted_worker_gets_the_broadcast_weights_again(model_path, monkeypat
 
 
 def test_broadcast_to_a_worker_that_never_loads_fails_with_its_name(model_path):
-    pool = _pool(model_path, "tests.fakes:HangingGenerator", worker_timeout_s=60)
+    pool = worker_pool(model_path, "tests.fakes:HangingGenerator", worker_timeout_s=60)
     try:
         t0 = time.time()
         with pytest.raises(WorkerError, match="worker 0"):
