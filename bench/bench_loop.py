@@ -1,6 +1,7 @@
 """Benchmark the off-policy loop's parts on the default model and this machine.
 
     .venv/bin/python bench/bench_loop.py [--repeats 3] [--steps 6] [--out bench/results/loop.json]
+    .venv/bin/python bench/bench_loop.py --push-only --repeats 7 --out bench/results/push.json
 
 Reports: learner tokens/s; generation tokens/s through the framework vs the raw vLLM engine on the same
 token ids and sampling parameters; weight-push seconds (in-process, through a safetensors folder, and vLLM's own reload_weights for reference;
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each part (after one warm-up)")
     p.add_argument("--steps", type=int, default=6, help="recipe steps for the overhead measurement")
     p.add_argument("--out", default="bench/results/loop.json", help="where to write the JSON results")
+    p.add_argument("--push-only", action="store_true",
+                   help="only the in-process push against vLLM's reload_weights (a one-minute check of the push target)")
     a = p.parse_args()
 
     from accelerate import Accelerator
@@ -64,40 +67,42 @@ def main() -> None:
 
     gen = VLLMGenerator(path, "float32", ro.max_prompt_tokens + ro.max_new_tokens, 0, kv_cache_gb=ro.kv_cache_gb,
                         max_prompt_tokens=ro.max_prompt_tokens)
-    # --- generation: framework vs raw engine, same ids and params, alternated to share the noise
-    ids = encode_prompts(gen.tokenizer, prompts, ro.max_prompt_tokens)
-    fw_rates, raw_rates = [], []
-    for r in range(a.repeats + 1):
-        spec = SamplingSpec(n=ro.group_size, temperature=1.0, top_p=1.0, max_new_tokens=ro.max_new_tokens, seed=r)
-        t0 = time.perf_counter()
-        groups = gen.generate(prompts, spec)
-        fw_s = time.perf_counter() - t0
-        fw_tok = sum(len(t.completion_ids) for g in groups for t in g.trajectories)
-        params = SamplingParams(n=ro.group_size, temperature=1.0, top_p=1.0, max_tokens=ro.max_new_tokens, seed=r)
-        t0 = time.perf_counter()
-        outs = gen.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-        raw_s = time.perf_counter() - t0
-        raw_tok = sum(len(o.token_ids) for out in outs for o in out.outputs)
-        if r:  # first round is warm-up
-            fw_rates.append(fw_tok / fw_s)
-            raw_rates.append(raw_tok / raw_s)
-    res["generation_tokens_per_s_framework"] = statistics.median(fw_rates)
-    res["generation_tokens_per_s_raw_engine"] = statistics.median(raw_rates)
-    res["generation_framework_vs_raw"] = res["generation_tokens_per_s_framework"] / res["generation_tokens_per_s_raw_engine"]
+    if not a.push_only:
+        # --- generation: framework vs raw engine, same ids and params, alternated to share the noise
+        ids = encode_prompts(gen.tokenizer, prompts, ro.max_prompt_tokens)
+        fw_rates, raw_rates = [], []
+        for r in range(a.repeats + 1):
+            spec = SamplingSpec(n=ro.group_size, temperature=1.0, top_p=1.0, max_new_tokens=ro.max_new_tokens, seed=r)
+            t0 = time.perf_counter()
+            groups = gen.generate(prompts, spec)
+            fw_s = time.perf_counter() - t0
+            fw_tok = sum(len(t.completion_ids) for g in groups for t in g.trajectories)
+            params = SamplingParams(n=ro.group_size, temperature=1.0, top_p=1.0, max_tokens=ro.max_new_tokens, seed=r)
+            t0 = time.perf_counter()
+            outs = gen.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+            raw_s = time.perf_counter() - t0
+            raw_tok = sum(len(o.token_ids) for out in outs for o in out.outputs)
+            if r:  # first round is warm-up
+                fw_rates.append(fw_tok / fw_s)
+                raw_rates.append(raw_tok / raw_s)
+        res["generation_tokens_per_s_framework"] = statistics.median(fw_rates)
+        res["generation_tokens_per_s_raw_engine"] = statistics.median(raw_rates)
+        res["generation_framework_vs_raw"] = res["generation_tokens_per_s_framework"] / res["generation_tokens_per_s_raw_engine"]
 
     # --- learner
-    RewardScorer(list(cfg.reward.funcs)).score(groups)
     learner = Learner(cfg, path, Accelerator(cpu=True))
     learner.pad_id = gen.tokenizer.pad_token_id
-    rates, fb = [], []
-    for r in range(a.repeats + 1):
-        m = learner.train_step(groups)
-        if r:
-            rates.append(m["perf/learner_tokens_per_s"])
-            fb.append(m["perf/learner_tokens"] / (m["perf/forward_backward_seconds"] + m["perf/optimizer_seconds"]))
-    res["learner_tokens_per_s"] = statistics.median(rates)
-    res["learner_tokens_per_s_fwd_bwd_opt_only"] = statistics.median(fb)
-    res["learner_tokens_per_step"] = m["perf/learner_tokens"]
+    if not a.push_only:
+        RewardScorer(list(cfg.reward.funcs)).score(groups)
+        rates, fb = [], []
+        for r in range(a.repeats + 1):
+            m = learner.train_step(groups)
+            if r:
+                rates.append(m["perf/learner_tokens_per_s"])
+                fb.append(m["perf/learner_tokens"] / (m["perf/forward_backward_seconds"] + m["perf/optimizer_seconds"]))
+        res["learner_tokens_per_s"] = statistics.median(rates)
+        res["learner_tokens_per_s_fwd_bwd_opt_only"] = statistics.median(fb)
+        res["learner_tokens_per_step"] = m["perf/learner_tokens"]
 
     # --- weight push
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,6 +118,9 @@ def main() -> None:
     res["push_fast_path"] = bool(gen.fast_refresh)
     gen.close()
     del gen
+    if a.push_only:
+        _report(res, a.out)
+        return
 
     # --- weight push into a vLLM engine in a worker process (async mode): broadcast vs disk
     from asymre.rollout import make_generator
@@ -148,8 +156,12 @@ def main() -> None:
         "loop_share_weight_push": push / step, "loop_share_other_overhead": (step - gen_s - fwd - opt - push) / step,
         "loop_share_outside_gen_fwd_bwd_opt": (step - gen_s - fwd - opt) / step,
     })
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    _report(res, a.out)
+
+
+def _report(res: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1))
     for k, v in res.items():
         print(f"{k:40s} {v:.4g}" if isinstance(v, float) else f"{k:40s} {v}")
 
