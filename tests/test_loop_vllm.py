@@ -127,3 +127,18 @@ def test_partial_push_is_refused_and_engine_stays_usable(engine, model_path, dro
         engine.load_weights(iter(state.items()), 2)
     assert engine.version == 1
     assert engine.logprobs_of(pid, cid) == pytest.approx(before, abs=1e-5)
+
+
+def test_embedding_packing_is_skipped_only_beside_a_separate_lm_head(engine):
+    """Skipping the embedding's LM-head packing is only safe when logits come from a separate head;
+    a model that computes logits with its embedding (Gemma-2 style: no lm_head) must keep it."""
+    from asymre.rollout.vllm_engine import _engine_model, _lookup_only_embeddings
+
+    def check(worker):
+        model = _engine_model(worker)
+        with_head = _lookup_only_embeddings(model) == {id(model.model.embed_tokens)}
+        gemma_like = torch.nn.Module()
+        gemma_like.model = model.model  # the same embedding, no lm_head attribute
+        return with_head, _lookup_only_embeddings(gemma_like) == set()
+
+    assert engine.llm.collective_rpc(check) == [(True, True)]
