@@ -10,8 +10,8 @@ The push (`refresh_weights`, run inside the engine through `collective_rpc`) use
 as vLLM's `reload_weights`, without that function's layer-by-layer meta-device staging. On CPU vLLM
 packs every linear layer into a oneDNN handle and frees the plain weight, so the layers get a fresh
 weight to load into and are re-packed afterwards; on GPU that processing is a no-op and the load is a
-copy into the live weights. 0.26 s against reload_weights' 0.34-0.37 s for the embedded model here
-(docs/benchmarks.md).
+copy into the live weights. For the embedded model here it takes 0.56-0.83 of reload_weights' time
+in the same run (0.28 s against 0.49 s in the final bench; docs/benchmarks.md).
 Quantized models (where processing is not idempotent) take vLLM's `reload_weights`.
 On CPU: float32 (no AVX-512 BF16 here), eager mode, and an explicit KV-cache size.
 """
@@ -132,12 +132,13 @@ def refresh_supported(worker) -> bool:
         from vllm.model_executor.layers.linear import LinearBase
 
         model = _engine_model(worker)
-        processed = {id(m) for _, m in _processed_layers(model)}
-        _engine_worker(worker).vllm_config.model_config.dtype
+        layers = [m for _, m in _processed_layers(model)]
+        _engine_worker(worker).vllm_config.model_config.dtype  # refresh_weights reads it
     except (ImportError, AttributeError):
         return False
+    processed = {id(m) for m in layers}
     quantized = [m for m in model.modules() if getattr(m, "quant_method", None) is not None and id(m) not in processed]
-    linear_ok = all(hasattr(m, a) for _, m in _processed_layers(model) if isinstance(m, LinearBase)
+    linear_ok = all(hasattr(m, a) for m in layers if isinstance(m, LinearBase)
                     for a in ("input_size_per_partition", "output_partition_sizes", "params_dtype", "weight_loader"))
     return (not quantized and linear_ok and hasattr(model, "load_weights")
             and not hasattr(model, "process_weights_after_loading"))

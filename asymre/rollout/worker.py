@@ -266,9 +266,7 @@ class WorkerPool:
         self.latest_weights = (path, version)
         w = self.workers[index]
         w.ctrl_q.put(("weights", path, version))  # ahead of queued generation requests
-        deadline = time.monotonic() + (timeout_s or self.worker_timeout_s)
-        while w.version != version:
-            self._handle(self._get(deadline, f"worker {index} to load weights version {version}"))
+        self._wait_loaded(w, version, timeout_s)
 
     def broadcast_weights(self, index: int, state_dict: dict, version: int, timeout_s: float | None = None) -> None:
         """Stream `state_dict` to one worker over its WeightChannel and wait for its acknowledgement.
@@ -305,9 +303,13 @@ class WorkerPool:
                                   f"({'still running' if w.proc.exitcode is None else f'exit code {w.proc.exitcode}'}): {e}") from e
             self._restart(w, f"exited with code {w.proc.exitcode} during a weight broadcast")  # re-sends these weights
             return
-        deadline = time.monotonic() + timeout_s
+        self._wait_loaded(w, version, timeout_s)
+
+    def _wait_loaded(self, w: _Worker, version: int, timeout_s: float | None) -> None:
+        """Handle the workers' messages until worker `w` acknowledges weights `version`, or time out."""
+        deadline = time.monotonic() + (timeout_s or self.worker_timeout_s)
         while w.version != version:
-            self._handle(self._get(deadline, f"worker {index} to load weights version {version}"))
+            self._handle(self._get(deadline, f"worker {w.index} to load weights version {version}"))
 
     def close(self) -> None:
         for w in self.workers:
