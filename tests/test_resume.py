@@ -44,10 +44,12 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path):
     r = subprocess.run(_cmd(full), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
-    proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while not (killed / "checkpoints" / "step-000004" / "COMPLETE").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
+        assert proc.poll() is None, f"run ended before it could be killed:\n{log.read_text()[-3000:]}"
         assert time.time() < deadline
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
