@@ -8,7 +8,10 @@ A checkpoint `RUN/checkpoints/step-000040/` holds:
   replay-buffer contents, prompt-stream position, running-baseline estimates, generation round counter:
   JSON only.
 It is written into a hidden temporary folder and renamed into place once complete, so a crash
-mid-write never leaves a checkpoint that `latest_checkpoint` would pick.
+mid-write never leaves a checkpoint that `latest_checkpoint` would pick. Before writing, the disk must
+have room for one more checkpoint (the size of the last one, or the caller's estimate for the first);
+a full disk, found then or mid-write, raises `CheckpointError` with the half-written folder removed
+and the earlier checkpoints intact.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ import torch
 from asymre.sync import read_weights_folder, write_weights_folder
 
 COMPLETE = "COMPLETE"
+GiB = 2**30
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (full or failing disk); the earlier checkpoints are intact."""
 
 
 def _state_name(rank: int) -> str:
@@ -42,24 +50,65 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def folder_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _what_is_kept(run_dir: str | Path) -> str:
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        return "no earlier checkpoint exists"
+    return f"the last complete checkpoint {last} is intact (free space, then rerun with resume=auto)"
+
+
+def _room_problem(run_dir: str | Path, name: str, expected_bytes: int) -> str | None:
+    """Why the next checkpoint cannot fit on the run folder's disk, or None when it can."""
+    last = latest_checkpoint(run_dir)
+    need = max(folder_bytes(last) if last is not None else 0, expected_bytes)
+    free = shutil.disk_usage(checkpoint_dir(run_dir)).free
+    if free >= need:
+        return None
+    return (f"checkpoint {name} not written: {free / GiB:.2f} GiB free on the disk of {checkpoint_dir(run_dir)}, "
+            f"one checkpoint takes about {need / GiB:.2f} GiB; {_what_is_kept(run_dir)}")
+
+
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str, Any],
-                    behaviour: dict[str, torch.Tensor] | None = None, keep_last: int = 2) -> Path | None:
-    """Collective (every rank calls it). Returns the checkpoint folder on the main process."""
+                    behaviour: dict[str, torch.Tensor] | None = None, keep_last: int = 2,
+                    expected_bytes: int = 0) -> Path | None:
+    """Collective (every rank calls it). Returns the checkpoint folder on the main process.
+
+    `expected_bytes`: the caller's estimate of this checkpoint; free space must hold the larger of it
+    and the last checkpoint's real size. Raises CheckpointError (nothing half-written left behind)
+    when the disk has no room or a write fails."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
+    problem = None
     if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
-    # each rank's own buffer and prompt position (colocated ranks generate their own shares)
-    (tmp / _state_name(accelerator.process_index)).write_text(json.dumps(state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if behaviour is not None:
+        problem = _room_problem(run_dir, final.name, expected_bytes)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        raise CheckpointError(problem)
+    try:
+        if accelerator.is_main_process:
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        # each rank's own buffer and prompt position (colocated ranks generate their own shares)
+        (tmp / _state_name(accelerator.process_index)).write_text(json.dumps(state))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and behaviour is not None:
             write_weights_folder(behaviour, tmp / "behaviour")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"checkpoint {final.name} not written ({e}); {_what_is_kept(run_dir)}") from e
+    if accelerator.is_main_process:
         (tmp / COMPLETE).write_text(str(step))
         if final.exists():
             shutil.rmtree(final)

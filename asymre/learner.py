@@ -216,6 +216,10 @@ class Learner:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
+    def weight_bytes(self) -> int:
+        """Bytes of the full weights (a tied tensor once; ZeRO-3 partitions counted whole)."""
+        return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.unwrapped().parameters())
+
     def save_model(self, folder: str, tokenizer=None) -> None:
         acc = self.accelerator
         state = acc.get_state_dict(self.model)

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from asymre.buffer import ReplayBuffer
-from asymre.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from asymre.checkpoint import CheckpointError, GiB, latest_checkpoint, load_checkpoint, save_checkpoint
 from asymre.config import Config, ConfigError, load_config, to_dict
 from asymre.evaluate import evaluate
 from asymre.learner import Learner
@@ -104,6 +105,8 @@ class AsymRERecipe:
         self.monitor = CollapseMonitor(lg.collapse_entropy, lg.collapse_distinct, lg.collapse_reward_drop)
         self.rounds = 0
         self.resumed_from = self._maybe_resume()
+        if self.main:
+            self._warn_if_disk_short()
         log.info("setup done: backend=%s mode=%s model=%s run_dir=%s", self.backend, ro.mode, self.model_path, self.run_dir)
 
     # ----------------------------------------------------------------------------------- checkpoints
@@ -113,11 +116,29 @@ class AsymRERecipe:
                 "buffer": self.buffer.state_dict(), "prompts": self.prompts.state_dict(),
                 "running_baseline": self.learner.running.state_dict(), "config": to_dict(self.cfg)}
 
+    def _checkpoint_bytes(self, with_behaviour: bool) -> int:
+        """Estimated size of one checkpoint: weights and AdamW's two moments (and the behaviour weights)."""
+        return self.learner.weight_bytes() * (4 if with_behaviour else 3)
+
     def _save_checkpoint(self) -> None:
         state = self._trainer_state()
         behind = state["engine_version"] != self.learner.step
         save_checkpoint(self.acc, self.run_dir, self.learner.step, state, self.last_pushed if behind else None,
-                        self.cfg.checkpoint.keep_last)
+                        self.cfg.checkpoint.keep_last, expected_bytes=self._checkpoint_bytes(behind))
+
+    def _warn_if_disk_short(self) -> None:
+        """Warn at start when the checkpoints and final model this run writes may not fit on its disk
+        (an estimate; the exact check runs before each checkpoint)."""
+        ck, steps = self.cfg.checkpoint, self.cfg.learner.steps
+        count = (steps - 1) // ck.every + 1 if ck.every else 1  # periodic ones, then the final one
+        one = self._checkpoint_bytes(self.async_mode or self.cfg.sync.interval > 1)
+        final = self.learner.weight_bytes() if ck.save_final_model else 0
+        need = min(count, ck.keep_last + 1) * one + final  # rotation deletes the oldest after writing the new one
+        free = shutil.disk_usage(self.run_dir).free
+        if free < need:
+            log.warning("run folder %s: %.2f GiB free, this run may write up to %.2f GiB (checkpoints of about %.2f GiB, "
+                        "checkpoint.keep_last=%d, final model %.2f GiB); a checkpoint that does not fit stops the run "
+                        "with the earlier ones intact", self.run_dir, free / GiB, need / GiB, one / GiB, ck.keep_last, final / GiB)
 
     def _maybe_resume(self) -> str | None:
         """resume=auto|PATH: restore learner, optimiser, schedule, buffer, prompt position and the engine's
@@ -286,7 +307,12 @@ class AsymRERecipe:
             bar.set_postfix(reward=f"{m.get('reward/mean', float('nan')):.3f}", stale=f"{m['rollout/staleness_mean']:.1f}",
                             loss=f"{m['loss/value']:.3f}")
         bar.close()
-        self._save_checkpoint()  # the final state, so a finished run can be extended with resume=auto
+        try:
+            self._save_checkpoint()  # the final state, so a finished run can be extended with resume=auto
+            unsaved = None
+        except CheckpointError as e:  # still evaluate and save the final model (smaller), then report it
+            log.error("%s; going on to the final evaluation and final model", e)
+            unsaved = e
         if not self.async_mode and self.generator.version != self.learner.step:
             self._push_weights()  # the final policy goes to the engine, for the final evaluation
             self.last_pushed = {}
@@ -295,6 +321,8 @@ class AsymRERecipe:
             self.metrics.log(last, step=self.learner.step)
         if cfg.checkpoint.save_final_model:
             self.learner.save_model(str(self.run_dir / "final_model"), self.tokenizer)
+        if unsaved is not None:
+            raise unsaved
         summary = {"train/seconds": time.perf_counter() - t_start}
         if first and last:
             summary.update({"eval/pass@1_start": first["eval/pass@1"], "eval/pass@1_end": last["eval/pass@1"]})
@@ -313,8 +341,6 @@ class AsymRERecipe:
 
 def _check_run_dir(run_dir: Path, min_free_gb: float) -> None:
     """Fail before any model loads if the run folder cannot be written or its disk is (nearly) full."""
-    import shutil
-
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -355,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     recipe.setup()
     try:
         summary = recipe.train()
+    except CheckpointError as e:  # the disk filled up: say so plainly, the traceback adds nothing
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 1
     finally:
         recipe.cleanup()
     if recipe.main and "eval/pass@1_start" in summary:
