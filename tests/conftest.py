@@ -4,8 +4,10 @@ converted once into a cache shared by the whole session (ASYMRE_CACHE, default ~
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +27,33 @@ def pytest_report_header(config) -> str:
     """Free disk where the tests write (run folders with checkpoints need a few GB at a time)."""
     free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
     return f"asymre: {free:.1f} GiB free under {tempfile.gettempdir()}"
+
+
+def _alive(lock: Path) -> bool:
+    try:
+        os.kill(int(lock.read_text()), 0)
+    except PermissionError:  # another user's live process
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _free_earlier_sessions_folders(tmp_path_factory) -> None:
+    """Remove earlier pytest sessions' temp folders now rather than at this session's end (pytest's own
+    time, with tmp_path_retention_count=1): a machine whose earlier runs kept their run folders would
+    otherwise start this run short of disk. A folder whose session still runs (its .lock names a live
+    process) is left alone."""
+    current = tmp_path_factory.getbasetemp()
+    m = re.fullmatch(r"pytest-(\d+)", current.name)
+    if m is None:  # --basetemp given: pytest emptied it already
+        return
+    for old in current.parent.iterdir():
+        n = re.fullmatch(r"pytest-(\d+)", old.name)
+        if n is None or int(n[1]) >= int(m[1]) or old.is_symlink():
+            continue
+        lock = old / ".lock"
+        if lock.is_file() and _alive(lock):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
