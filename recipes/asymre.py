@@ -348,7 +348,7 @@ def _check_run_dir(run_dir: Path, min_free_gb: float) -> None:
         probe.unlink()
     except OSError as e:
         raise RuntimeError(f"run folder {run_dir} is not writable: {e}") from e
-    free_gb = shutil.disk_usage(run_dir).free / 2**30
+    free_gb = shutil.disk_usage(run_dir).free / GiB
     if free_gb < min_free_gb:
         raise RuntimeError(f"run folder {run_dir}: only {free_gb:.2f} GiB free on its disk, below checkpoint.min_free_gb={min_free_gb}")
 
