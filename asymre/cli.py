@@ -23,12 +23,14 @@ def _eval(a) -> int:
 
     overrides = list(a.overrides) + ([f"model.name={a.model}"] if a.model else [])
     cfg = load_config(a.config, overrides)
-    scorer = RewardScorer(list(cfg.reward.funcs), list(cfg.reward.weights), cfg.reward.timeout_s, cfg.reward.scale)
+    scorer = RewardScorer(list(cfg.reward.funcs), list(cfg.reward.weights), cfg.reward.timeout_s, cfg.reward.scale,
+                          cfg.learner.steps)
     _, prompts = build_task(cfg.task)
     path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     ro = cfg.rollout
     gen = make_generator(ro.backend, path, cfg.model.dtype, ro.seed, ro.max_prompt_tokens + cfg.eval.max_new_tokens,
-                         ro.max_prompt_tokens, ro.gpu_memory_utilization, ro.kv_cache_gb)
+                         ro.max_prompt_tokens, ro.gpu_memory_utilization, ro.kv_cache_gb,
+                         chat_template_kwargs=dict(cfg.task.chat_template_kwargs))
     try:
         res = evaluate(gen, prompts, scorer, cfg.eval.preset, cfg.eval.k, cfg.eval.max_new_tokens, seed=cfg.learner.seed)
     finally:

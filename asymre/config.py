@@ -45,9 +45,10 @@ class TaskConfig:
     max_operand: int = _f(9, "Arithmetic task: operands are drawn from 0..max_operand.")
     operations: list[str] = _f(["+"], "Arithmetic task: operators to draw from (+, -, *).")
     template: str = _f("What is {a} {op} {b}? Answer with just the number.", "Arithmetic task: the question, with {a}, {op}, {b}.")
-    system_prompt: str | None = _f(None, "Optional system message put before every prompt.")
-    prompt_column: str = _f("prompt", "File task: the column holding the prompt.")
-    answer_column: str = _f("answer", "File task: the column holding the reference answer.")
+    system_prompt: str | None = _f(None, "Optional system message put before every prompt that has none.")
+    prompt_column: str = _f("prompt", "File task: the column holding the prompt: a string, or a list of {role, content} messages (TRL's formats).")
+    answer_column: str = _f("answer", "File task: the column holding the reference answer (also passed to rewards as `answer`).")
+    chat_template_kwargs: dict[str, Any] = _f({}, "Extra arguments to the tokenizer's chat template, e.g. {enable_thinking: false}.")
     seed: int = _f(0, "Seed for building and shuffling the task's prompts.")
 
 

@@ -17,6 +17,9 @@ class Prompt:
     uid: str  # stable id (used by the per-prompt running baseline and for resume)
     messages: list[dict[str, str]]  # chat messages, e.g. [{"role": "user", "content": "What is 3 + 5?"}]
     columns: dict[str, Any] = field(default_factory=dict)  # reference answer and any dataset columns
+    # True when the dataset gave the prompt as chat messages (TRL's conversational format): rewards then get
+    # prompts as message lists and completions as [{"role": "assistant", "content": ...}], as under TRL.
+    conversational: bool = False
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Trajectory:
     version: int  # behaviour policy version (learner step of the weights the engine held)
     logprobs: list[float] | None = None  # behaviour log-probs of completion tokens, when the engine gives them
     reward: float | None = None  # None until scored, or when every reward function abstained/failed
+    extras: dict[str, Any] = field(default_factory=dict)  # columns a reward logged for this sample (TRL's log_extra)
 
     @property
     def num_tokens(self) -> int:

@@ -60,7 +60,8 @@ class AsymRERecipe:
         cfg, acc = self.cfg, self.acc
         set_seed(cfg.learner.seed + acc.process_index)
         # Bad input fails here, before any model loads: reward names, task files, run folder.
-        self.scorer = RewardScorer(list(cfg.reward.funcs), list(cfg.reward.weights), cfg.reward.timeout_s, cfg.reward.scale)
+        self.scorer = RewardScorer(list(cfg.reward.funcs), list(cfg.reward.weights), cfg.reward.timeout_s, cfg.reward.scale,
+                                   cfg.learner.steps)
         train, self.eval_prompts = build_task(cfg.task)
         self.async_mode = cfg.rollout.mode == "async"
         shard, shards = (0, 1) if self.async_mode else (acc.process_index, acc.num_processes)
@@ -95,12 +96,12 @@ class AsymRERecipe:
         if self.async_mode:
             if self.main:
                 scorer_args = dict(specs=list(cfg.reward.funcs), weights=list(cfg.reward.weights), timeout_s=cfg.reward.timeout_s,
-                                   scale=cfg.reward.scale)
+                                   scale=cfg.reward.scale, max_steps=cfg.learner.steps)
                 self.pool = WorkerPool(len(self._worker_placement()), make_generator, gen_args, scorer_args, ro.worker_timeout_s,
                                        ro.max_worker_restarts, per_worker=self._worker_placement())
             self.generator = None
         else:
-            self.generator = make_generator(*gen_args)
+            self.generator = make_generator(*gen_args, chat_template_kwargs=dict(cfg.task.chat_template_kwargs))
         lg = cfg.logging
         self.monitor = CollapseMonitor(lg.collapse_entropy, lg.collapse_distinct, lg.collapse_reward_drop)
         self.rounds = 0
@@ -173,10 +174,11 @@ class AsymRERecipe:
         """(factory kwargs, env) per worker: remote servers if given, else num_workers local engines,
         each pinned to one of rollout.devices (round robin) when the list is set."""
         ro = self.cfg.rollout
+        fmt = {"chat_template_kwargs": dict(self.cfg.task.chat_template_kwargs)}
         if ro.server_urls:
-            return [({"server_url": url}, {}) for url in ro.server_urls]
+            return [({"server_url": url, **fmt}, {}) for url in ro.server_urls]
         env = [{"CUDA_VISIBLE_DEVICES": str(ro.devices[i % len(ro.devices)])} if ro.devices else {} for i in range(ro.num_workers)]
-        return [({}, e) for e in env]
+        return [(dict(fmt), e) for e in env]
 
     # ------------------------------------------------------------------------------------------ train
     def _spec(self) -> SamplingSpec:
@@ -191,7 +193,7 @@ class AsymRERecipe:
             t0 = time.perf_counter()
             groups = self.generator.generate(self.prompts.take(self.cfg.rollout.prompts_per_step), self._spec())
             metrics["perf/generation_seconds"] = metrics.get("perf/generation_seconds", 0.0) + time.perf_counter() - t0
-            metrics.update(self.scorer.score(groups))
+            metrics.update(self.scorer.score(groups, self.learner.step))
             self.buffer.add(groups)
         return metrics
 
@@ -201,7 +203,7 @@ class AsymRERecipe:
         per_round = self.cfg.rollout.prompts_per_step
         while True:
             while self.pool.outstanding() < 2 * len(self.pool.workers):
-                self.pool.submit(self.prompts.take(per_round), self._spec())
+                self.pool.submit(self.prompts.take(per_round), self._spec(), self.learner.step)
             enough = self.buffer.available(self.learner.step) >= need
             for _, groups, m in self.pool.poll(timeout=0.0 if enough else self.cfg.rollout.worker_timeout_s):
                 self.buffer.add(groups)
@@ -247,7 +249,8 @@ class AsymRERecipe:
             behind = False
             engine = self.eval_engine()
         if self.main:
-            out = evaluate(engine, self.eval_prompts, self.scorer, ec.preset, ec.k, ec.max_new_tokens, seed=self.cfg.learner.seed)
+            out = evaluate(engine, self.eval_prompts, self.scorer, ec.preset, ec.k, ec.max_new_tokens, seed=self.cfg.learner.seed,
+                           step=self.learner.step)
             log.info("eval (%s) at step %d: pass@1 = %.3f on %d held-out prompts", tag, self.learner.step, out["eval/pass@1"], len(self.eval_prompts))
         if not self.async_mode and behind:
             self.sync.push(behaviour, behaviour_version, [engine])
@@ -268,7 +271,8 @@ class AsymRERecipe:
         if not self.main:
             return None
         if getattr(self, "_eval_gen", None) is None:
-            self._eval_gen = make_generator("hf", self.model_path, self.cfg.model.dtype)
+            self._eval_gen = make_generator("hf", self.model_path, self.cfg.model.dtype,
+                                            chat_template_kwargs=dict(self.cfg.task.chat_template_kwargs))
         self._eval_gen.load_weights(iter(state.items()), self.learner.step)
         return self._eval_gen
 

@@ -72,3 +72,20 @@ class HangingGenerator(SlowGenerator):
 
     def load_weights(self, weights, version: int) -> None:
         time.sleep(3600)
+
+
+class ReplyGenerator(SlowGenerator):
+    """Answers each prompt with the texts of its `replies` column (cycled over the group), with real token
+    ids: a worker-process test controls exactly what the rewards see."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, **_):
+        super().__init__(model_path, dtype, seed)
+
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
+        groups = []
+        for p, pid in zip(prompts, encode_prompts(self.tokenizer, prompts, 128)):
+            replies = p.columns["replies"]
+            texts = [replies[i % len(replies)] for i in range(spec.n)]
+            trajs = [Trajectory(pid, self.tokenizer(t, add_special_tokens=False)["input_ids"], t, "stop", self.version) for t in texts]
+            groups.append(TrajectoryGroup(p, trajs, self.version))
+        return groups

@@ -1,30 +1,60 @@
 """Reward scoring: resolve reward functions by name or dotted path, combine them with weights, and
 score trajectory groups with a per-call timeout, never letting a bad reward kill the run.
 
-A reward is a plain callable `f(prompts, completions, **columns) -> list[float | None]`, TRL's shape,
-so a TRL reward function works unchanged. Design choice: each call runs on its own daemon thread with a
-timeout (cheap, shares memory); the alternative, a process pool, could kill a hung call but costs a
-pickle of every batch. A call that hangs is abandoned (its daemon thread never blocks exit) and its
-samples dropped; it cannot be killed.
+A reward is called exactly as TRL 1.16's `GRPOTrainer._calculate_rewards` calls it, so a reward file
+written for TRL runs here unchanged:
+
+    f(prompts=..., completions=..., completion_ids=..., **columns, trainer_state=..., log_extra=..., log_metric=...)
+        -> list[float | None]
+
+`prompts`/`completions` follow the dataset's format: strings (standard), or message lists for a
+conversational dataset (completions as `[{"role": "assistant", "content": text}]`); every dataset column
+but `prompt` arrives as a keyword list; `async def` rewards are awaited, concurrently with each other.
+
+Design choice: each call runs on a daemon thread with a timeout (cheap, shares memory, TRL's reward
+state keeps working); the alternative, a process pool, could kill a hung call but costs a pickle of every
+batch and breaks rewards that hold state. A call that hangs is abandoned (its daemon thread never blocks
+exit) and its samples dropped. A call that raises is retried one sample at a time, so only the samples
+that raise are lost, and its traceback is logged once per function per step with the sample index.
+Signal-based timeouts (math-verify's) do not work off the main thread: the built-in `math_verify` turns
+them off there and relies on this timeout, as TRL's own `accuracy_reward` does.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import importlib
+import inspect
+import logging
 import math
-from collections import Counter
+import numbers
+import threading
+import time
+import traceback
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from asymre.data import TrajectoryGroup
 from asymre.rewards.builtin import BINARY, REGISTRY
 
 RewardFn = Callable[..., list]
+log = logging.getLogger("asymre.rewards")
+# Keys the scorer passes itself; a dataset column of the same name is not passed twice (TRL drops
+# "prompt", "completion" and "completion_ids" from the columns too).
+_RESERVED = {"prompt", "prompts", "completion", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"}
 
 
 class RewardError(RuntimeError):
     """A reward function cannot be used, or failed on every sample of a step."""
+
+
+@dataclass
+class TrainerState:
+    """The part of TRL's `TrainerState` a reward can read here: shape rewards by training progress."""
+
+    global_step: int = 0  # learner steps done when the samples are scored
+    max_steps: int = 0  # learner.steps
 
 
 def resolve_reward(spec: str) -> RewardFn:
@@ -44,6 +74,66 @@ def resolve_reward(spec: str) -> RewardFn:
     return fn
 
 
+def _is_async(fn: Callable) -> bool:
+    """An `async def` function, or an object whose `__call__` is one (TRL's `is_async_callable`)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
+
+
+def _start(target: Callable[[], Any], name: str) -> tuple[threading.Thread, dict]:
+    """Run `target` on a daemon thread; `_join` collects it."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = target()
+        except BaseException as e:  # noqa: BLE001 - reported to the caller, never fatal here
+            box["error"] = e
+
+    th = threading.Thread(target=run, name=name, daemon=True)
+    th.start()
+    return th, box
+
+
+def _join(th: threading.Thread, box: dict, timeout_s: float, n: int) -> list:
+    """The target's list of n results (an exception stands for a call that raised, TimeoutError for one
+    past its deadline); all TimeoutError when the thread is still running at the deadline."""
+    th.join(max(timeout_s, 0.0))
+    if th.is_alive():
+        return [TimeoutError()] * n
+    if "error" in box:
+        return [box["error"]] * n
+    return box["result"]
+
+
+def _run_sync(calls: list[tuple[Callable, dict]]) -> Callable[[], list]:
+    def run():
+        out = []
+        for fn, kw in calls:
+            try:
+                out.append(fn(**kw))
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
+        return out
+    return run
+
+
+def _run_async(calls: list[tuple[Callable, dict]], timeout_s: float) -> Callable[[], list]:
+    """All calls awaited concurrently on one event loop (TRL gathers its async rewards the same way), each
+    cancelled at its deadline."""
+    async def gather():
+        return await asyncio.gather(*(asyncio.wait_for(fn(**kw), timeout_s) for fn, kw in calls), return_exceptions=True)
+    return lambda: asyncio.run(gather())
+
+
+@dataclass
+class _Outcome:
+    """One reward function's result over a batch: a value (or None) per sample, and what went wrong."""
+
+    values: list[float | None]
+    reasons: Counter = field(default_factory=Counter)  # failure reason -> samples lost to it
+    problem: str | None = None  # what to log (a traceback or a description), once
+
+
 @dataclass
 class RewardScorer:
     """Scores groups in place (sets `Trajectory.reward`) and counts every dropped sample by reason."""
@@ -52,68 +142,140 @@ class RewardScorer:
     weights: list[float] = field(default_factory=list)
     timeout_s: float = 10.0
     scale: str = "01"
+    max_steps: int = 0
 
     def __post_init__(self) -> None:
         self.funcs = [resolve_reward(s) for s in self.specs]
         self.weights = list(self.weights) or [1.0] * len(self.funcs)
+        self._logged: set[tuple[str, int]] = set()  # (function, step) pairs whose failure was logged
 
-    def _call(self, i: int, prompts: list[str], completions: list[str], columns: dict[str, list]) -> tuple[list[float | None], str | None]:
-        """One function over the batch. Returns (values, failure reason or None)."""
-        box: dict = {}
+    # ------------------------------------------------------------------------------------ one call
+    def _kwargs(self, flat, step: int, idx: list[int], extras: dict, logged: dict) -> dict[str, Any]:
+        """TRL's keyword arguments for the samples `idx` of `flat` (list of (group, trajectory))."""
+        sel = [flat[j] for j in idx]
+        conv = [g.prompt.conversational for g, _ in sel]
+        prompts = [g.prompt.messages if c else g.prompt.messages[-1]["content"] for (g, _), c in zip(sel, conv)]
+        completions = [[{"role": "assistant", "content": t.text}] if c else t.text for (_, t), c in zip(sel, conv)]
+        keys = sorted({k for g, _ in sel for k in g.prompt.columns} - _RESERVED)
 
-        def call():
-            try:
-                box["values"] = self.funcs[i](prompts, completions, **columns)
-            except Exception:  # noqa: BLE001 - a reward raising is counted, never fatal on its own
-                box["raised"] = True
+        def log_extra(column: str, values: list) -> None:
+            for j, v in zip(idx, values):
+                extras[j][column] = v
 
-        th = threading.Thread(target=call, name=f"reward:{self.specs[i]}", daemon=True)
-        th.start()
-        th.join(self.timeout_s)
-        if th.is_alive():
-            return [None] * len(completions), "timeout"
-        if box.get("raised"):
-            return [None] * len(completions), "raised"
-        values = box.get("values")
-        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-            return [None] * len(completions), "wrong_length"
-        out: list[float | None] = []
-        for v in values:
+        def log_metric(name: str, value: float) -> None:
+            logged[name].append(float(value))
+
+        return {"prompts": prompts, "completions": completions, "completion_ids": [list(t.completion_ids) for _, t in sel],
+                **{k: [g.prompt.columns.get(k) for g, _ in sel] for k in keys},
+                "trainer_state": TrainerState(step, self.max_steps), "log_extra": log_extra, "log_metric": log_metric}
+
+    def _per_sample(self, i: int, flat, step: int, extras: list[dict], logged: dict, batch_error: BaseException) -> _Outcome:
+        """Function i raised on the batch: call it once per sample (within reward.timeout_s) so that only the
+        samples that raise are lost, and say which one raised first."""
+        fn, n = self.funcs[i], len(flat)
+        calls = [(fn, self._kwargs(flat, step, [j], extras, logged)) for j in range(n)]
+        run = _run_async(calls, self.timeout_s) if _is_async(fn) else _run_sync(calls)
+        results = _join(*_start(run, f"reward:{self.specs[i]}:per-sample"), self.timeout_s + 1.0, n)
+        out = _Outcome([None] * n)
+        first_bad = None
+        for j, r in enumerate(results):
+            if isinstance(r, TimeoutError):
+                out.reasons["timeout"] += 1
+            elif isinstance(r, BaseException):
+                out.reasons["raised"] += 1
+                first_bad = first_bad or (j, r)
+            else:
+                one = self._check(r, 1)
+                out.values[j] = one.values[0]
+                out.reasons.update(one.reasons)
+                out.problem = out.problem or one.problem
+        if first_bad is not None:
+            j, e = first_bad
+            others = out.reasons["raised"] - 1
+            out.problem = _format(e, j) + (f"\n({others} more of {n} samples raised)" if others else "")
+        elif out.reasons["timeout"]:
+            out.problem = f"raised on the batch of {n}, then timed out sample by sample:\n{_format(batch_error, None)}"
+        else:
+            out.problem = f"raised on the batch of {n} but on no sample alone (kept the per-sample values):\n{_format(batch_error, None)}"
+        return out
+
+    def _outcomes(self, flat, step: int, extras: list[dict], logged: dict) -> list[_Outcome]:
+        """Every function over the whole batch: async ones concurrently on one event loop while the sync ones
+        run one after another, each on its own thread under reward.timeout_s."""
+        n, every = len(flat), list(range(len(flat)))
+        calls = [(fn, self._kwargs(flat, step, every, extras, logged)) for fn in self.funcs]
+        is_async = [_is_async(fn) for fn in self.funcs]
+        t0 = time.monotonic()
+        async_calls = [c for c, a in zip(calls, is_async) if a]
+        gathered = _start(_run_async(async_calls, self.timeout_s), "reward:async") if async_calls else None
+        results: list = [None] * len(calls)
+        for i, (call, a) in enumerate(zip(calls, is_async)):
+            if not a:
+                results[i] = _join(*_start(_run_sync([call]), f"reward:{self.specs[i]}"), self.timeout_s, 1)[0]
+        if gathered is not None:
+            left = self.timeout_s + 1.0 - (time.monotonic() - t0)
+            for i, r in zip([i for i, a in enumerate(is_async) if a], _join(*gathered, left, len(async_calls))):
+                results[i] = r
+        out = []
+        for i, r in enumerate(results):
+            if isinstance(r, TimeoutError):
+                out.append(_Outcome([None] * n, Counter(timeout=n), f"timed out after reward.timeout_s={self.timeout_s}s on {n} samples"))
+            elif isinstance(r, BaseException):
+                out.append(_Outcome([None], Counter(raised=1), _format(r, 0)) if n == 1 else
+                           self._per_sample(i, flat, step, extras, logged, r))
+            else:
+                out.append(self._check(r, n))
+        return out
+
+    @staticmethod
+    def _check(values: Any, n: int) -> _Outcome:
+        """A list of n numbers or None; anything else is dropped and described."""
+        if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
+            values = values.tolist()  # numpy array, torch tensor
+        if not isinstance(values, (list, tuple)):
+            return _Outcome([None] * n, Counter(wrong_type=n), f"returned {type(values).__name__}, expected a list of {n} floats")
+        if len(values) != n:
+            return _Outcome([None] * n, Counter(wrong_length=n), f"returned {len(values)} values for {n} samples")
+        out = _Outcome([])
+        for j, v in enumerate(values):
+            if hasattr(v, "item") and not isinstance(v, numbers.Real):
+                v = v.item()  # a 0-d tensor or array
             if v is None:
-                out.append(None)
-                continue
-            try:
+                out.values.append(None)
+                out.reasons["none_or_nan"] += 1
+            elif isinstance(v, numbers.Real):
                 f = float(v)
-            except (TypeError, ValueError):
-                out.append(None)
-                continue
-            out.append(None if math.isnan(f) or math.isinf(f) else f)
-        return out, None
+                bad = math.isnan(f) or math.isinf(f)
+                out.values.append(None if bad else f)
+                out.reasons["none_or_nan"] += bad
+            else:
+                out.values.append(None)
+                out.reasons["wrong_type"] += 1
+                out.problem = out.problem or f"returned {type(v).__name__} {v!r} for sample {j}, expected a float or None"
+        return out
 
-    def score(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
-        """Score every trajectory of `groups`; returns metrics `reward/...`. Raises RewardError when
-        every sample failed, naming the reward functions and why."""
+    # ----------------------------------------------------------------------------------- a batch
+    def score(self, groups: list[TrajectoryGroup], step: int = 0) -> dict[str, float]:
+        """Score every trajectory of `groups` at learner step `step`; returns metrics `reward/...`.
+        Raises RewardError when every sample failed, naming the reward functions and why."""
         flat = [(g, t) for g in groups for t in g.trajectories]
         if not flat:
             return {}
-        prompts = [g.prompt.messages[-1]["content"] for g, _ in flat]
-        completions = [t.text for _, t in flat]
-        keys = sorted({k for g, _ in flat for k in g.prompt.columns})
-        columns = {k: [g.prompt.columns.get(k) for g, _ in flat] for k in keys}
         totals: list[float | None] = [None] * len(flat)
+        extras: list[dict] = [t.extras for _, t in flat]
+        logged: dict[str, list[float]] = defaultdict(list)
         reasons: Counter[str] = Counter()
-        per_fn: dict[str, float] = {}
-        for i, spec in enumerate(self.specs):
-            values, failure = self._call(i, prompts, completions, columns)
-            if failure:
-                reasons[f"{spec}:{failure}"] += len(flat)
-            else:
-                nones = sum(v is None for v in values)
-                if nones:
-                    reasons[f"{spec}:none_or_nan"] += nones
-            ok = [v for v in values if v is not None]
-            per_fn[f"reward/{spec}_mean"] = sum(ok) / len(ok) if ok else float("nan")
-            for j, v in enumerate(values):
+        metrics: dict[str, float] = {}
+        for i, (spec, outcome) in enumerate(zip(self.specs, self._outcomes(flat, step, extras, logged))):
+            for why, count in outcome.reasons.items():
+                if count:
+                    reasons[f"{spec}:{why}"] += count
+            if outcome.problem and (spec, step) not in self._logged:
+                self._logged.add((spec, step))
+                log.warning("reward function %r at step %d: %s", spec, step, outcome.problem)
+            ok = [v for v in outcome.values if v is not None]
+            metrics[f"reward/{spec}_mean"] = sum(ok) / len(ok) if ok else float("nan")
+            for j, v in enumerate(outcome.values):
                 if v is None:
                     continue
                 if self.scale == "pm1" and spec in BINARY:
@@ -124,10 +286,15 @@ class RewardScorer:
         scored = [r for r in totals if r is not None]
         if not scored:
             raise RewardError(f"every sample of this step failed reward scoring: {dict(reasons)} (reward functions {self.specs})")
-        metrics = {"reward/mean": sum(scored) / len(scored), "reward/dropped": float(len(flat) - len(scored))}
-        metrics.update(per_fn)
+        metrics.update({"reward/mean": sum(scored) / len(scored), "reward/dropped": float(len(flat) - len(scored))})
         metrics.update({f"reward/dropped_{k}": float(v) for k, v in reasons.items()})
+        metrics.update({f"reward/custom/{k}": sum(v) / len(v) for k, v in logged.items() if v})
         return metrics
 
     def close(self) -> None:
         """Nothing to release: abandoned calls live on daemon threads."""
+
+
+def _format(e: BaseException, sample: int | None) -> str:
+    where = f"raised on sample {sample} of the batch" if sample is not None else "raised"
+    return f"{where}: {''.join(traceback.format_exception(e)).rstrip()}"

@@ -8,7 +8,9 @@ accepted too, so these functions also plug into TRL's trainers.
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -62,21 +64,31 @@ def first_number(prompts: list[str], completions: list[str], answer: list[str] |
 
 def math_verify(prompts: list[str], completions: list[str], answer: list[str] | None = None, **_) -> list[float | None]:
     """MATH answers: the completion's boxed/final answer checked against the reference with `math-verify`
-    (symbolic equivalence: \\frac{1}{2} == 0.5, \\sqrt{8} == 2\\sqrt{2})."""
+    (symbolic equivalence: \\frac{1}{2} == 0.5, \\sqrt{8} == 2\\sqrt{2}).
+
+    math-verify bounds its own parsing and comparison with SIGALRM, which only works on a process's main
+    thread; the scorer calls rewards on a helper thread (in the learner and in generation workers), where
+    those timeouts raise on every sample. Off the main thread they are turned off and the scorer's
+    `reward.timeout_s` bounds the call instead (TRL's `accuracy_reward` does the same)."""
     completions = _texts(completions)
     from math_verify import parse, verify
 
     if answer is None:
         raise ValueError("reward 'math_verify' needs an 'answer' column")
+    on_main = threading.current_thread() is threading.main_thread()
+    parse_timeout, verify_timeout = (5, 5) if on_main else (None, None)
+    if not on_main:  # math-verify warns "Timeout is disabled" once per process: intended here
+        for name in ("math_verify.parser", "math_verify.grader"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     out: list[float | None] = []
     for c, a in zip(completions, answer):
         ref_text = str(a) if "$" in str(a) or "\\boxed" in str(a) else f"${a}$"
-        gold = parse(ref_text)
+        gold = parse(ref_text, parsing_timeout=parse_timeout)
         if not gold:
             out.append(None)
             continue
-        pred = parse(c)
-        out.append(float(bool(pred) and verify(gold, pred)))
+        pred = parse(c, parsing_timeout=parse_timeout)
+        out.append(float(bool(pred) and verify(gold, pred, timeout_seconds=verify_timeout)))
     return out
 
 

@@ -16,10 +16,11 @@ def resolve_backend(backend: str) -> str:
 
 def make_generator(backend: str, model_path: str, dtype: str = "float32", seed: int = 0, max_model_len: int = 2048,
                    max_prompt_tokens: int = 1024, gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0,
-                   device: str | None = None, server_url: str | None = None) -> Generator:
+                   device: str | None = None, server_url: str | None = None, chat_template_kwargs: dict | None = None) -> Generator:
     """Build one generator. Picklable arguments only, so worker processes can call it too.
     `backend` may also be a dotted path 'pkg.module:factory' to a user's own backend, called with
-    (model_path, dtype=..., seed=...) and returning an object that implements `Generator`."""
+    (model_path, dtype=..., seed=...) and returning an object that implements `Generator`.
+    `chat_template_kwargs` go to the tokenizer's chat template when prompts are encoded."""
     backend = resolve_backend(backend)
     if ":" in backend:
         import importlib
@@ -29,13 +30,14 @@ def make_generator(backend: str, model_path: str, dtype: str = "float32", seed: 
     if server_url:
         from asymre.rollout.remote import RemoteVLLMGenerator
 
-        return RemoteVLLMGenerator(server_url, model_path, max_prompt_tokens=max_prompt_tokens)
+        return RemoteVLLMGenerator(server_url, model_path, max_prompt_tokens=max_prompt_tokens, chat_template_kwargs=chat_template_kwargs)
     if backend == "vllm":
         from asymre.rollout.vllm_engine import VLLMGenerator
 
-        return VLLMGenerator(model_path, dtype, max_model_len, seed, gpu_memory_utilization, kv_cache_gb, max_prompt_tokens)
+        return VLLMGenerator(model_path, dtype, max_model_len, seed, gpu_memory_utilization, kv_cache_gb, max_prompt_tokens,
+                             chat_template_kwargs)
     if backend == "hf":
         from asymre.rollout.hf import HFGenerator
 
-        return HFGenerator(model_path, dtype, device=device, max_prompt_tokens=max_prompt_tokens)
+        return HFGenerator(model_path, dtype, device=device, max_prompt_tokens=max_prompt_tokens, chat_template_kwargs=chat_template_kwargs)
     raise ValueError(f"rollout.backend={backend!r}: expected 'vllm', 'hf' or 'auto'")

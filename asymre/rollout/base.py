@@ -55,11 +55,24 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
-def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int) -> list[list[int]]:
-    """Chat-template each prompt's messages into token ids (truncated from the left)."""
+def prompt_text(prompt: Prompt) -> str:
+    """The raw text of a prompt for a model without a chat template (a base model): the messages' contents,
+    one paragraph each (a standard-format prompt without a system prompt is its string, unchanged)."""
+    return "\n\n".join(m["content"] for m in prompt.messages)
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int, chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Prompt token ids (truncated from the left): the chat template applied to the messages (with
+    `chat_template_kwargs`, e.g. {"enable_thinking": False}), or the raw text when the tokenizer has no
+    chat template (base models), as TRL tokenizes a standard-format prompt."""
     out = []
+    templated = getattr(tokenizer, "chat_template", None) is not None
     for p in prompts:
-        ids = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if templated:
+            ids = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                                **(chat_template_kwargs or {}))
+        else:
+            ids = tokenizer(prompt_text(p))["input_ids"]
         out.append(list(ids)[-max_prompt_tokens:])
     return out
 

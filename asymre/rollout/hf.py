@@ -15,18 +15,19 @@ from asymre.rollout.base import SamplingSpec, Weights, encode_prompts, eos_token
 
 class HFGenerator:
     def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None, max_prompt_tokens: int = 1024,
-                 batch_size: int = 64):
+                 batch_size: int = 64, chat_template_kwargs: dict | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = load_tokenizer(model_path)
         self.model = load_model(model_path, dtype).to(self.device).eval()
         self.eos = eos_token_ids(self.tokenizer, self.model.generation_config)
         self.max_prompt_tokens = max_prompt_tokens
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.batch_size = batch_size  # sequences per generate call
         self.version = 0
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
-        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
+        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.chat_template_kwargs)
         per_call = max(1, self.batch_size // spec.n)
         groups: list[TrajectoryGroup] = []
         gen = torch.Generator(device="cpu")

@@ -20,10 +20,12 @@ from asymre.rollout.base import SamplingSpec, encode_prompts
 class RemoteVLLMGenerator:
     remote = True
 
-    def __init__(self, url: str, model_path: str, max_prompt_tokens: int = 1024, timeout_s: float = 600.0):
+    def __init__(self, url: str, model_path: str, max_prompt_tokens: int = 1024, timeout_s: float = 600.0,
+                 chat_template_kwargs: dict | None = None):
         self.url = url.rstrip("/")
         self.tokenizer = load_tokenizer(model_path)
         self.max_prompt_tokens = max_prompt_tokens
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.timeout_s = timeout_s
         self.version = 0
         self.model_name = self._post_get("/v1/models")["data"][0]["id"]
@@ -39,7 +41,7 @@ class RemoteVLLMGenerator:
         return json.loads(raw) if raw else {}
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
-        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
+        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.chat_template_kwargs)
         groups = []
         for p, pid in zip(prompts, ids):
             body = {"model": self.model_name, "prompt": pid, "n": spec.n, "max_tokens": spec.max_new_tokens,

@@ -35,7 +35,8 @@ def vllm_available() -> bool:
 
 class VLLMGenerator:
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
-                 gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0, max_prompt_tokens: int = 1024):
+                 gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0, max_prompt_tokens: int = 1024,
+                 chat_template_kwargs: dict | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM drops torch to one thread "for serving" unless OMP_NUM_THREADS is set; the colocated
         # learner shares this process and needs every core.
@@ -52,6 +53,7 @@ class VLLMGenerator:
         self.tokenizer = load_tokenizer(model_path)
         self.eos = eos_token_ids(self.tokenizer)
         self.max_prompt_tokens = max_prompt_tokens
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.version = 0
         self.fast_refresh: bool | None = None  # decided at the first push (refresh_supported)
 
@@ -61,7 +63,7 @@ class VLLMGenerator:
         greedy = spec.temperature == 0.0
         params = SamplingParams(n=spec.n, temperature=0.0 if greedy else spec.temperature, top_p=1.0 if greedy else spec.top_p,
                                 max_tokens=spec.max_new_tokens, seed=spec.seed, logprobs=0 if spec.logprobs else None)
-        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
+        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.chat_template_kwargs)
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         groups = []
         for p, pid, out in zip(prompts, ids, outs):

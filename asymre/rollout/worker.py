@@ -53,6 +53,7 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
         import os
 
         os.environ.update(env)  # e.g. CUDA_VISIBLE_DEVICES: this worker's generation GPU, set before any CUDA init
+        _forward_logs(index, out_q)
         gen = factory(*factory_args, **factory_kwargs)
         scorer, channel = None, None
         if scorer_args is not None:
@@ -79,14 +80,14 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
                 gen.load_weights(channel.receive(meta), version)
                 out_q.put(("loaded", index, version))
             elif kind == "generate":
-                _, rid, prompts, spec = msg
+                _, rid, prompts, spec, step = msg
                 t0 = time.perf_counter()
                 groups = gen.generate(prompts, spec)
                 gen_s = time.perf_counter() - t0
                 metrics: dict[str, float] = {"perf/generation_seconds": gen_s}
                 if scorer is not None:
                     try:
-                        metrics.update(scorer.score(groups))
+                        metrics.update(scorer.score(groups, step))
                     except Exception as e:  # noqa: BLE001 - sent to the learner, which decides
                         out_q.put(("reward_error", index, (rid, str(e))))
                         continue
@@ -96,6 +97,23 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
         out_q.put(("error", index, traceback.format_exc()))
 
 
+def _forward_logs(index: int, out_q) -> None:
+    """Send this worker's `asymre` warnings (a failing reward's traceback, say) to the learner's process, which
+    logs them in the run's log: a spawned worker has no log configuration of its own."""
+    import logging
+
+    class ToLearner(logging.Handler):
+        def emit(self, record):
+            try:
+                out_q.put(("log", index, (record.levelno, record.name, self.format(record))))
+            except Exception:  # noqa: BLE001 - logging never kills the worker
+                pass
+
+    logger = logging.getLogger("asymre")
+    logger.addHandler(ToLearner(logging.WARNING))
+    logger.propagate = False
+
+
 @dataclass
 class _Worker:
     index: int
@@ -103,7 +121,7 @@ class _Worker:
     req_q: Any = None
     ctrl_q: Any = None
     channel: Any = None  # learner end of its WeightChannel (sync.method=broadcast), opened on first push
-    pending: dict[int, tuple] = field(default_factory=dict)  # request id -> (prompts, spec)
+    pending: dict[int, tuple] = field(default_factory=dict)  # request id -> (prompts, spec, learner step)
     last_heard: float = 0.0
     restarts: int = 0
     version: int = 0
@@ -190,6 +208,11 @@ class WorkerPool:
             self.reward_errors.append(err)
         elif kind == "loaded":
             w.version = payload
+        elif kind == "log":
+            import logging
+
+            level, name, text = payload
+            logging.getLogger(name).log(level, "(generation worker %d) %s", index, text)
         elif kind == "error":
             raise WorkerError(f"generation worker {index} raised:\n{payload}")
 
@@ -226,8 +249,8 @@ class WorkerPool:
         elif self.latest_weights is not None:  # broadcast: the learner's weights now, tagged with the last push
             latest = self.latest_weights
             self.broadcast_weights(w.index, latest["state"], latest["version"], latest["timeout_s"])
-        for rid, (prompts, spec) in pending.items():
-            w.req_q.put(("generate", rid, prompts, spec))
+        for rid, request in pending.items():
+            w.req_q.put(("generate", rid, *request))
 
     # ---- the learner's side ----------------------------------------------------------------------
     def outstanding(self, index: int | None = None) -> int:
@@ -235,15 +258,16 @@ class WorkerPool:
             return len(self.workers[index].pending)
         return sum(len(w.pending) for w in self.workers)
 
-    def submit(self, prompts: list[Prompt], spec: SamplingSpec) -> int:
-        """Queue a generation request on the least busy worker; returns its request id."""
+    def submit(self, prompts: list[Prompt], spec: SamplingSpec, step: int = 0) -> int:
+        """Queue a generation request on the least busy worker; returns its request id. `step` is the learner
+        step its rewards see as `trainer_state.global_step`."""
         w = min(self.workers, key=lambda x: len(x.pending))
         rid = self._next_rid
         self._next_rid += 1
         if not w.pending:
             w.last_heard = time.monotonic()
-        w.pending[rid] = (prompts, spec)
-        w.req_q.put(("generate", rid, prompts, spec))
+        w.pending[rid] = (prompts, spec, step)
+        w.req_q.put(("generate", rid, prompts, spec, step))
         return rid
 
     def poll(self, timeout: float = 0.0) -> list[tuple[int, list[TrajectoryGroup], dict]]:

@@ -2,7 +2,8 @@
 
 `path` is a hub id (for users with network) or a local JSONL/JSON/parquet/CSV file or folder (tests, and
 machines without a hub). Rows keep every column, so reward functions can read them as keyword lists.
-A row without the prompt or answer column fails with the file, row and column named.
+A row without the prompt or answer column fails with the file, row and column named. The file task reads
+TRL's prompt formats: a prompt string (standard) or a list of chat messages (conversational).
 """
 
 from __future__ import annotations
@@ -96,13 +97,46 @@ def math(rows: list[dict], source: str, system_prompt: str | None = None, offset
     return out
 
 
+def chat_messages(value, system_prompt: str | None, where: str) -> list[dict[str, str]]:
+    """A conversational prompt (TRL's format: a list of {"role", "content"} messages) checked and copied;
+    `system_prompt` goes first only when the messages have no system message. `where` names the file,
+    row and column in errors."""
+    if not value:
+        raise DataError(f"{where}: empty prompt (an empty list of messages)")
+    messages = []
+    for k, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {k} is {type(m).__name__} {m!r}, expected a dict with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise DataError(f"{where}: message {k} has no 'role' (keys: {sorted(m)})")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {k} ({role}) has no text 'content' (got {type(content).__name__})")
+        messages.append({"role": role, "content": content})
+    if not any(m["content"].strip() for m in messages):
+        raise DataError(f"{where}: empty prompt (every message's content is empty)")
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
 def prompt_file(rows: list[dict], source: str, prompt_column: str, answer_column: str, system_prompt: str | None = None,
                 offset: int = 0) -> list[Prompt]:
-    """Any rows with a prompt column and an answer column; the other columns ride along for rewards.
-    `offset` is the first row's number in its file (for error messages and uids)."""
+    """Rows in TRL's prompt-only formats: the prompt column holds a string (standard) or a list of chat
+    messages (conversational); the answer column (e.g. `answer`, `solution`) is also copied to `answer`,
+    and the other columns ride along for rewards. `offset` is the first row's number in its file (for
+    error messages and uids)."""
     out = []
     for i, r in enumerate(rows, start=offset):
-        q = _require(r, prompt_column, source, i)
+        value = r.get(prompt_column)
         a = _require(r, answer_column, source, i)
-        out.append(Prompt(f"file:{i}", _messages(q, system_prompt), {**r, "answer": a}))
+        if isinstance(value, (list, tuple)):
+            where = f"{source}, row {i} (0-based), column {prompt_column!r}"
+            out.append(Prompt(f"file:{i}", chat_messages(value, system_prompt, where), {**r, "answer": a}, conversational=True))
+        elif value is None or isinstance(value, str):
+            q = _require(r, prompt_column, source, i)
+            out.append(Prompt(f"file:{i}", _messages(q, system_prompt), {**r, "answer": a}))
+        else:
+            raise DataError(f"{source}, row {i} (0-based), column {prompt_column!r}: a prompt is a string or a list of "
+                            f"{{role, content}} messages, got {type(value).__name__}")
     return out
