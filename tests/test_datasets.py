@@ -73,3 +73,94 @@ def test_math_solution_without_boxed_answer(tmp_path):
 def test_dataset_task_needs_a_path():
     with pytest.raises(ValueError, match="task.path"):
         build_task(load_config(None, ["task.name=gsm8k"]).task)
+
+
+# ---- TRL's prompt formats: standard (a string) and conversational (a list of messages) --------------------
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _conv(text, system=None):
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+def test_conversational_and_standard_prompts_in_one_file(tmp_path):
+    """A list of messages is the conversation (system prompt added only where it has none, columns other
+    than the prompt ride along); a string becomes the user message. The answer column may be `solution`."""
+    f = _jsonl(tmp_path / "trl.jsonl", [{"prompt": _conv("What is 1+1?"), "solution": "2", "level": 1},
+                                        {"prompt": _conv("What is 2+2?", system="Think first."), "solution": "4", "level": 2},
+                                        {"prompt": "What is 3+3?", "solution": "6", "level": 3},
+                                        {"prompt": _conv("held out"), "solution": "0", "level": 4}])
+    cfg = load_config(None, ["task.name=file", f"task.path={f}", "task.answer_column=solution", "task.eval_size=1",
+                             "task.train_size=0", "task.system_prompt=Be brief."])
+    tr, ev = build_task(cfg.task)
+    assert tr[0].messages == _conv("What is 1+1?", system="Be brief.") and tr[0].conversational
+    assert tr[1].messages == _conv("What is 2+2?", system="Think first.")  # its own system message is kept
+    assert tr[2].messages == _conv("What is 3+3?", system="Be brief.") and not tr[2].conversational
+    assert [p.columns["solution"] for p in tr] == ["2", "4", "6"] and [p.columns["answer"] for p in tr] == ["2", "4", "6"]
+    assert tr[1].columns["level"] == 2 and ev[0].columns["solution"] == "0"
+
+
+@pytest.mark.parametrize("prompt, said", [
+    (["What is 1+1?"], "message 0 is str 'What is 1+1?', expected a dict with 'role' and 'content'"),
+    ([{"content": "What is 1+1?"}], "message 0 has no 'role' (keys: ['content'])"),
+    ([{"role": "user"}], "message 0 (user) has no text 'content' (got NoneType)"),
+    ([], "empty prompt (an empty list of messages)"),
+    ([{"role": "user", "content": "  "}], "empty prompt (every message's content is empty)"),
+    ("", "missing column 'prompt'"),
+    (7, "a prompt is a string or a list of {role, content} messages, got int"),
+])
+def test_malformed_prompt_row_names_file_row_and_column(tmp_path, prompt, said):
+    good = {"prompt": _conv("ok"), "answer": "1"}
+    f = _jsonl(tmp_path / "conv.jsonl", [good, good, {"prompt": prompt, "answer": "1"}, good])
+    with pytest.raises(DataError) as e:
+        build_task(load_config(None, ["task.name=file", f"task.path={f}", "task.eval_size=1"]).task)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}, row 2 (0-based)") and said in msg
+    if isinstance(prompt, list):
+        assert "column 'prompt'" in msg
+
+
+def _model_copy(model_path, dest, chat_template):
+    """The embedded model's folder with another chat template (None: none at all, as a base model has)."""
+    dest.mkdir()
+    for f in Path(model_path).iterdir():
+        if f.name != "chat_template.jinja":
+            (dest / f.name).symlink_to(f)
+    if chat_template is not None:
+        (dest / "chat_template.jinja").write_text(chat_template)
+    return str(dest)
+
+
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+                     "{% endif %}")
+
+
+@pytest.mark.parametrize("template, kwargs", [("embedded", {}), ("thinking", {"enable_thinking": False}), (None, {})])
+def test_prompt_ids_the_engine_sees(tmp_path, model_path, template, kwargs):
+    """The engine's prompt ids are exactly the chat template applied to the conversation (with
+    task.chat_template_kwargs), or the raw text for a model without a chat template."""
+    from transformers import AutoTokenizer
+
+    from asymre.rollout import make_generator
+    from asymre.rollout.base import SamplingSpec
+
+    path = model_path if template == "embedded" else _model_copy(model_path, tmp_path / "m", THINKING_TEMPLATE if template else None)
+    f = _jsonl(tmp_path / "conv.jsonl", [{"prompt": _conv("What is 2+2?", system="Be brief."), "answer": "4"}] * 2)
+    cfg = load_config(None, ["task.name=file", f"task.path={f}", "task.eval_size=1", f"task.chat_template_kwargs={json.dumps(kwargs)}"])
+    train, _ = build_task(cfg.task)
+    gen = make_generator("hf", path, max_prompt_tokens=128, chat_template_kwargs=cfg.task.chat_template_kwargs)
+    group = gen.generate(train[:1], SamplingSpec(n=1, temperature=0.0, max_new_tokens=2))[0]
+    tok = AutoTokenizer.from_pretrained(path)
+    if template is None:
+        assert tok.chat_template is None
+        expected = tok("Be brief.\n\nWhat is 2+2?")["input_ids"]
+    else:
+        expected = tok.apply_chat_template(_conv("What is 2+2?", system="Be brief."), add_generation_prompt=True, tokenize=True,
+                                           return_dict=False, **kwargs)
+    assert group.trajectories[0].prompt_ids == list(expected)
+    if template == "thinking":
+        assert tok.decode(expected).endswith("<|im_start|>assistant\n<think></think>")
