@@ -29,7 +29,7 @@ def evaluate(generator: Generator, prompts: list[Prompt], scorer: RewardScorer, 
     n = 1 if preset == "greedy" else k
     spec = SamplingSpec.preset(preset, n=n, max_new_tokens=max_new_tokens, seed=seed)
     groups = generator.generate(prompts, spec)
-    scorer.score(groups, step)
+    scored = scorer.score(groups, step)
     p1, pk, lens = [], [], []
     for g in groups:
         correct = sum(1 for t in g.trajectories if t.reward is not None and t.reward > threshold)
@@ -37,7 +37,8 @@ def evaluate(generator: Generator, prompts: list[Prompt], scorer: RewardScorer, 
         pk.append(pass_at_k(len(g.trajectories), correct, min(k, len(g.trajectories))))
         lens += [len(t.completion_ids) for t in g.trajectories]
     out = {"eval/pass@1": sum(p1) / len(p1), "eval/completion_len": sum(lens) / len(lens),
-           "eval/prompts": float(len(prompts)), "eval/seconds": time.perf_counter() - t0}
+           "eval/prompts": float(len(prompts)), "eval/dropped": scored.get("reward/dropped", 0.0),
+           "eval/seconds": time.perf_counter() - t0}
     if k > 1:
         out[f"eval/pass@{k}"] = sum(pk) / len(pk)
     return out

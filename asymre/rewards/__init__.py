@@ -159,8 +159,8 @@ class RewardScorer:
         keys = sorted({k for g, _ in sel for k in g.prompt.columns} - _RESERVED)
 
         def log_extra(column: str, values: list) -> None:
-            for j, v in zip(idx, values):
-                extras[j][column] = v
+            for j, v in zip(idx, values):  # kept JSON-safe: trajectories travel to checkpoints and across processes
+                extras[j][column] = v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
 
         def log_metric(name: str, value: float) -> None:
             logged[name].append(float(value))
