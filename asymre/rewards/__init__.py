@@ -150,7 +150,7 @@ class RewardScorer:
         self._logged: set[tuple[str, int]] = set()  # (function, step) pairs whose failure was logged
 
     # ------------------------------------------------------------------------------------ one call
-    def _kwargs(self, flat, step: int, idx: list[int], extras: dict, logged: dict) -> dict[str, Any]:
+    def _kwargs(self, flat, step: int, idx: list[int], extras: list[dict], logged: dict) -> dict[str, Any]:
         """TRL's keyword arguments for the samples `idx` of `flat` (list of (group, trajectory))."""
         sel = [flat[j] for j in idx]
         conv = [g.prompt.conversational for g, _ in sel]
