@@ -139,13 +139,16 @@ class CheckpointConfig:
     every: int = _f(0, "Checkpoint every N learner steps (0 = only at the end).")
     keep_last: int = _f(2, "Checkpoints kept in the run folder.")
     min_free_gb: float = _f(1.0, "Refuse to start when the run folder's disk has less free space than this (GiB).")
-    save_final_model: bool = _f(True, "Write the final model as a Hugging Face folder in the run folder.")
+    save_final_model: bool = _f(True, "Write the final model (in the model's own dtype) as a Hugging Face folder in the run folder.")
+    save_final_checkpoint: bool | None = _f(None, "Write a full checkpoint (weights + optimizer state, ~4x the weights) at the end, "
+                                                  "so resume=auto can extend the run; null (auto) = only when checkpoint.every > 0.")
 
 
 @dataclass
 class LoggingConfig:
     run_dir: str = _f("runs/${logging.run_name}", "Run folder: metrics.jsonl, checkpoints, final model.")
     run_name: str = _f("asymre", "Run name (wandb too).")
+    overwrite: bool = _f(False, "Start over in a run folder that holds an earlier run: delete its metrics, checkpoints and final model first.")
     report_to: list[str] = _f([], "Trackers besides metrics.jsonl: 'wandb'.")
     project: str = _f("asymre", "wandb project.")
     tags: list[str] = _f([], "wandb tags.")

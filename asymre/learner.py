@@ -71,6 +71,10 @@ class Learner:
     def __init__(self, cfg: Config, model_path: str, accelerator):
         self.cfg = cfg
         self.accelerator = accelerator
+        from transformers import AutoConfig
+
+        own = getattr(AutoConfig.from_pretrained(model_path), "dtype", None)  # the checkpoint's dtype: final models keep it
+        self.save_dtype = getattr(torch, own) if isinstance(own, str) else own
         model = load_model(model_path, cfg.model.dtype)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -216,15 +220,24 @@ class Learner:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
-    def weight_bytes(self) -> int:
-        """Bytes of the full weights (a tied tensor once; ZeRO-3 partitions counted whole)."""
-        return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.unwrapped().parameters())
+    def weight_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the full weights, as trained or in `dtype` (a tied tensor once; ZeRO-3 partitions counted whole)."""
+        return sum(getattr(p, "ds_numel", p.numel()) * (dtype.itemsize if dtype else p.element_size())
+                   for p in self.unwrapped().parameters())
 
     def save_model(self, folder: str, tokenizer=None) -> None:
+        """A Hugging Face folder in the model's own dtype (a bf16 model trained in fp32 is saved in bf16)."""
         acc = self.accelerator
         state = acc.get_state_dict(self.model)
         if acc.is_main_process:
-            self.unwrapped().save_pretrained(folder, state_dict=state, safe_serialization=True)
+            model, dtype = self.unwrapped(), self.save_dtype
+            if isinstance(dtype, torch.dtype):
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            trained_in, model.config.dtype = model.config.dtype, dtype or model.config.dtype
+            try:
+                model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+            finally:
+                model.config.dtype = trained_in
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
         acc.wait_for_everyone()

@@ -13,7 +13,6 @@ What it leaves out: a KL term, a reference model and importance ratios (AsymRE n
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -29,7 +28,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from asymre.buffer import ReplayBuffer
-from asymre.checkpoint import CheckpointError, GiB, latest_checkpoint, load_checkpoint, save_checkpoint
+from asymre.checkpoint import CheckpointError, GiB, load_checkpoint, save_checkpoint
 from asymre.config import Config, ConfigError, load_config, to_dict
 from asymre.evaluate import evaluate
 from asymre.learner import Learner
@@ -39,6 +38,7 @@ from asymre.rewards import RewardScorer
 from asymre.rollout import make_generator, resolve_backend
 from asymre.rollout.base import SamplingSpec
 from asymre.rollout.worker import WorkerPool
+from asymre.run_dir import RunDirError, open_run_dir
 from asymre.sync import WeightSync
 from asymre.tasks import PromptStream, build_task
 from asymre.tracking import MetricsLogger
@@ -66,9 +66,7 @@ class AsymRERecipe:
         self.async_mode = cfg.rollout.mode == "async"
         shard, shards = (0, 1) if self.async_mode else (acc.process_index, acc.num_processes)
         self.prompts = PromptStream(train, cfg.task.seed, shard, shards)
-        if self.main:
-            _check_run_dir(self.run_dir, cfg.checkpoint.min_free_gb)
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))  # the resolved config
+        self.resume_from = self._open_run_dir()
         self.metrics = MetricsLogger(self.run_dir, list(cfg.logging.report_to), to_dict(cfg), cfg.logging.project,
                                      cfg.logging.run_name, list(cfg.logging.tags), enabled=self.main)
 
@@ -127,14 +125,38 @@ class AsymRERecipe:
         save_checkpoint(self.acc, self.run_dir, self.learner.step, state, self.last_pushed if behind else None,
                         self.cfg.checkpoint.keep_last, expected_bytes=self._checkpoint_bytes(behind))
 
+    def _open_run_dir(self) -> Path | None:
+        """The main process makes the run folder this run's own (or refuses, naming the folder or key); every
+        rank gets its decision: the checkpoint to continue from, or None."""
+        cfg, decision = self.cfg, [None, None]
+        if self.main:
+            try:
+                path = open_run_dir(self.run_dir, cfg.resume, cfg.logging.overwrite, to_dict(cfg), cfg.checkpoint.min_free_gb)
+                decision = [str(path) if path else None, None]
+            except RunDirError as e:
+                decision = [None, str(e)]
+        if self.acc.num_processes > 1:
+            decision = broadcast_object_list([decision])[0]
+        if decision[1]:
+            raise RunDirError(decision[1])
+        return Path(decision[0]) if decision[0] else None
+
+    def _saves_final_checkpoint(self) -> bool:
+        ck = self.cfg.checkpoint
+        return ck.save_final_checkpoint if ck.save_final_checkpoint is not None else ck.every > 0
+
     def _warn_if_disk_short(self) -> None:
-        """Warn at start when the checkpoints and final model this run writes may not fit on its disk
+        """Say what the run writes, and warn when its checkpoints and final model may not fit on its disk
         (an estimate; the exact check runs before each checkpoint)."""
         ck, steps = self.cfg.checkpoint, self.cfg.learner.steps
-        count = (steps - 1) // ck.every + 1 if ck.every else 1  # periodic ones, then the final one
+        final_ck = self._saves_final_checkpoint()
+        count = ((steps - 1) // ck.every if ck.every else 0) + int(final_ck)  # periodic ones, then the final one
         one = self._checkpoint_bytes(self.async_mode or self.cfg.sync.interval > 1)
-        final = self.learner.weight_bytes() if ck.save_final_model else 0
+        final = self.learner.weight_bytes(self.learner.save_dtype) if ck.save_final_model else 0
         need = min(count, ck.keep_last + 1) * one + final  # rotation deletes the oldest after writing the new one
+        log.info("this run writes %s%s", f"checkpoints of about {one / GiB:.2f} GiB each ({count} in all, the last "
+                 f"{ck.keep_last} kept)" if count else "no checkpoint (checkpoint.every=0; checkpoint.save_final_checkpoint=true "
+                 "keeps a final one for resume=auto)", f" and a final model of {final / GiB:.2f} GiB" if final else "")
         free = shutil.disk_usage(self.run_dir).free
         if free < need:
             log.warning("run folder %s: %.2f GiB free, this run may write up to %.2f GiB (checkpoints of about %.2f GiB, "
@@ -146,12 +168,10 @@ class AsymRERecipe:
         behaviour weights. Colocated, the run continues exactly where the checkpoint left it; in async mode
         the workers restart from the learner's weights at the checkpoint and requests that were in flight
         are not replayed (their prompts are skipped)."""
-        how = self.cfg.resume
-        if how == "none":
-            return None
-        path = latest_checkpoint(self.run_dir) if how == "auto" else Path(how)
+        path = self.resume_from
         if path is None:
-            log.info("resume=auto: no complete checkpoint in %s, starting fresh", self.run_dir)
+            if self.cfg.resume == "auto":
+                log.info("resume=auto: no checkpoint in %s, starting fresh", self.run_dir)
             return None
         state, behaviour = load_checkpoint(self.acc, path)
         self.learner.step = state["learner_step"]
@@ -311,9 +331,10 @@ class AsymRERecipe:
             bar.set_postfix(reward=f"{m.get('reward/mean', float('nan')):.3f}", stale=f"{m['rollout/staleness_mean']:.1f}",
                             loss=f"{m['loss/value']:.3f}")
         bar.close()
+        unsaved = None
         try:
-            self._save_checkpoint()  # the final state, so a finished run can be extended with resume=auto
-            unsaved = None
+            if self._saves_final_checkpoint():
+                self._save_checkpoint()  # the final state, so a finished run can be extended with resume=auto
         except CheckpointError as e:  # still evaluate and save the final model (smaller), then report it
             log.error("%s; going on to the final evaluation and final model", e)
             unsaved = e
@@ -343,20 +364,6 @@ class AsymRERecipe:
         self.metrics.close()
 
 
-def _check_run_dir(run_dir: Path, min_free_gb: float) -> None:
-    """Fail before any model loads if the run folder cannot be written or its disk is (nearly) full."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise RuntimeError(f"run folder {run_dir} is not writable: {e}") from e
-    free_gb = shutil.disk_usage(run_dir).free / GiB
-    if free_gb < min_free_gb:
-        raise RuntimeError(f"run folder {run_dir}: only {free_gb:.2f} GiB free on its disk, below checkpoint.min_free_gb={min_free_gb}")
-
-
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -382,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     recipe = AsymRERecipe(cfg)
-    recipe.setup()
+    try:
+        recipe.setup()
+    except RunDirError as e:  # a used, unwritable or full run folder, or a checkpoint made with other maths
+        print(f"run folder error: {e}", file=sys.stderr)
+        return 2
     try:
         summary = recipe.train()
     except CheckpointError as e:  # the disk filled up: say so plainly, the traceback adds nothing

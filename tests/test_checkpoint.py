@@ -111,7 +111,7 @@ def test_recipe_keeps_the_final_model_when_the_final_checkpoint_does_not_fit(tmp
     cfg = load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", [
         "rollout.backend=hf", "rollout.prompts_per_step=1", "rollout.group_size=2", "rollout.max_new_tokens=4",
         "learner.groups_per_step=1", "learner.steps=1", "eval.at_start=false", "eval.at_end=false",
-        "logging.progress=false", f"logging.run_dir={run}"])
+        "checkpoint.save_final_checkpoint=true", "logging.progress=false", f"logging.run_dir={run}"])
     with pytest.raises(CheckpointError, match="step-000001 not written: 0.00 GiB free.*no earlier checkpoint exists"):
         run_recipe(cfg)
     assert (run / "final_model" / "model.safetensors").is_file()

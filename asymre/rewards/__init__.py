@@ -76,7 +76,7 @@ def resolve_reward(spec: str) -> RewardFn:
 
 def _is_async(fn: Callable) -> bool:
     """An `async def` function, or an object whose `__call__` is one (TRL's `is_async_callable`)."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 def _start(target: Callable[[], Any], name: str) -> tuple[threading.Thread, dict]:
