@@ -231,12 +231,13 @@ class Learner:
         state = acc.get_state_dict(self.model)
         if acc.is_main_process:
             model, dtype = self.unwrapped(), self.save_dtype
-            if isinstance(dtype, torch.dtype):
+            cast = isinstance(dtype, torch.dtype) and dtype != model.dtype
+            if cast:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            trained_in, model.config.dtype = model.config.dtype, dtype or model.config.dtype
-            try:
-                model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-            finally:
+            model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+            if cast:  # save_pretrained records the dtype trained in; the weights are in the model's own
+                trained_in, model.config.dtype = model.config.dtype, dtype
+                model.config.save_pretrained(folder)
                 model.config.dtype = trained_in
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)

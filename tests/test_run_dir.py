@@ -149,3 +149,27 @@ def test_second_run_refused_overwrite_starts_clean_resume_checks_the_maths(tmp_p
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss/value" in r] == [1]  # only the new run's step
     assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step-*"))  # no final checkpoint by default
+
+
+def test_final_model_keeps_the_models_own_dtype(tmp_path, model_path):
+    """A bf16 checkpoint trained in fp32 (model.dtype=float32) is saved as bf16, half the bytes, and says so."""
+    from accelerate import Accelerator
+    from safetensors import safe_open
+
+    from asymre.learner import Learner
+
+    src = tmp_path / "bf16_model"
+    src.mkdir()
+    for f in Path(model_path).iterdir():
+        if f.name != "config.json":
+            (src / f.name).symlink_to(f)
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    learner = Learner(load_config(None, ["model.dtype=float32"]), str(src), Accelerator(cpu=True))
+    assert next(learner.model.parameters()).dtype.is_floating_point and str(next(learner.model.parameters()).dtype) == "torch.float32"
+    learner.save_model(str(tmp_path / "final_model"))
+    with safe_open(str(tmp_path / "final_model" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
+    assert json.loads((tmp_path / "final_model" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert learner.weight_bytes(learner.save_dtype) * 2 == learner.weight_bytes()
