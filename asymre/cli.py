@@ -16,7 +16,7 @@ import sys
 def _eval(a) -> int:
     from asymre.config import load_config
     from asymre.evaluate import evaluate
-    from asymre.models import resolve_model
+    from asymre.models import check_model_name, resolve_model
     from asymre.rewards import RewardScorer
     from asymre.rollout import make_generator
     from asymre.tasks import build_task
@@ -26,6 +26,7 @@ def _eval(a) -> int:
     scorer = RewardScorer(list(cfg.reward.funcs), list(cfg.reward.weights), cfg.reward.timeout_s, cfg.reward.scale,
                           cfg.learner.steps)
     _, prompts = build_task(cfg.task)
+    check_model_name(cfg.model.name)
     path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     ro = cfg.rollout
     gen = make_generator(ro.backend, path, cfg.model.dtype, ro.seed, ro.max_prompt_tokens + cfg.eval.max_new_tokens,
@@ -59,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         print(plot_run(a.run_dir, a.out))
         return 0
     if a.cmd == "eval":
+        from asymre.config import InputError
+
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        return _eval(a)
+        try:
+            return _eval(a)
+        except InputError as e:  # a bad config, data file or model name: one line, exit code 2
+            print(f"{e.label}: {e}", file=sys.stderr)
+            return 2
     from asymre.bandit import main as bandit_main
 
     bandit_main(["--out", a.out])

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from asymre.config import InputError
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,42 @@ def _convert(gguf: Path, dest: Path) -> None:
     log.info("converted %s to %s in %.1fs", gguf.name, dest, time.time() - t0)
 
 
+class ModelNotFound(InputError):
+    """`model.name` names no local folder, embedded model or reachable hub model; the message says where it looked."""
+
+    label = "model error"
+
+
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")  # 'org/name', or a legacy 'name' (gpt2)
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast, in one line, on a model that cannot load: a missing local folder, a folder without a
+    config.json, or (with HF_HUB_OFFLINE=1) a hub id not in the local hub cache. An uncached hub id on a
+    machine with hub access is left to `from_pretrained` to download."""
+    if name.lower() in EMBEDDED:
+        return
+    where = f"model.name={name}: looked for a local folder, the embedded models ({', '.join(EMBEDDED)}) and a hub id"
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelNotFound(f"model.name={name}: the local folder has no config.json (not a Hugging Face model folder)")
+        return
+    if p.exists() or not _HUB_ID.fullmatch(name) or name.startswith(("./", "../", "~")):
+        raise ModelNotFound(f"{where}: no such local folder, and {name!r} is not a hub id ('org/name')")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelNotFound(f"{where}: no such local folder, and hub id {name!r} is not in the local hub cache "
+                            f"(HF_HUB_OFFLINE is set: this machine may have no hub access)")
+
+
 def resolve_model(name: str, cache_dir: str | None = None) -> str:
     """A model name -> something `from_pretrained` (and vLLM) loads: the converted folder of an
-    embedded model, else `name` unchanged (hub id or local path)."""
+    embedded model, else `name` unchanged (hub id or local path; `check_model_name` checks it first)."""
     key = name.lower()
     if key not in EMBEDDED:
         return name

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from asymre.checkpoint import COMPLETE, GiB, checkpoint_dir, latest_checkpoint
+from asymre.config import InputError
 
 log = logging.getLogger("asymre")
 
@@ -30,8 +31,10 @@ MAY_CHANGE_ON_RESUME = ("learner.steps", "resume", "logging.", "eval.", "checkpo
                         "rollout.worker_timeout_s", "rollout.max_worker_restarts", "sync.timeout_s", "reward.timeout_s")
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError):
     """The run folder cannot be used as asked; the message says which folder and the ways on."""
+
+    label = "run folder error"
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 
 from asymre.buffer import ReplayBuffer
 from asymre.checkpoint import CheckpointError, GiB, load_checkpoint, save_checkpoint
-from asymre.config import Config, ConfigError, load_config, to_dict
+from asymre.config import Config, ConfigError, InputError, load_config, to_dict
 from asymre.evaluate import evaluate
 from asymre.learner import Learner
-from asymre.models import load_tokenizer, resolve_model
+from asymre.models import check_model_name, load_tokenizer, resolve_model
 from asymre.monitor import CollapseMonitor
-from asymre.rewards import RewardScorer
+from asymre.rewards import RewardError, RewardScorer
 from asymre.rollout import make_generator, resolve_backend
 from asymre.rollout.base import SamplingSpec
 from asymre.rollout.worker import WorkerPool
@@ -51,6 +51,7 @@ class AsymRERecipe:
         self.cfg = cfg
         # step_scheduler_with_optimizer=False: one LR-schedule step per learner step (Accelerate would
         # otherwise step it once per process, running the schedule num_processes times too fast).
+        _refuse_a_dropped_backend()
         self.acc = Accelerator(cpu=not _has_gpu(), step_scheduler_with_optimizer=False)
         self.main = self.acc.is_main_process
         self.run_dir = Path(cfg.logging.run_dir)
@@ -63,6 +64,7 @@ class AsymRERecipe:
         self.scorer = RewardScorer(list(cfg.reward.funcs), list(cfg.reward.weights), cfg.reward.timeout_s, cfg.reward.scale,
                                    cfg.learner.steps)
         train, self.eval_prompts = build_task(cfg.task)
+        check_model_name(cfg.model.name)
         self.async_mode = cfg.rollout.mode == "async"
         shard, shards = (0, 1) if self.async_mode else (acc.process_index, acc.num_processes)
         self.prompts = PromptStream(train, cfg.task.seed, shard, shards)
@@ -375,6 +377,17 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _refuse_a_dropped_backend() -> None:
+    """`Accelerator(cpu=True)` silently drops a DeepSpeed or FSDP plugin (and runs plain data parallel): an
+    accelerate config that asks for one on a machine without a GPU is refused instead of replaced."""
+    if _has_gpu():
+        return
+    for var, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(var, "false").lower() in ("true", "1"):
+            raise ConfigError(f"the accelerate config asks for {name} ({var}=true), which this run without a GPU would "
+                              f"silently drop; launch with recipes/accelerate/cpu.yaml or cpu_ddp2.yaml")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="AsymRE off-policy RL training", epilog="Overrides: dotted key=value, e.g. learner.lr=1e-5")
     p.add_argument("--config", help="YAML config (recipes/configs/*.yaml)")
@@ -388,11 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    recipe = AsymRERecipe(cfg)
     try:
-        recipe.setup()
-    except RunDirError as e:  # a used, unwritable or full run folder, or a checkpoint made with other maths
-        print(f"run folder error: {e}", file=sys.stderr)
+        recipe = AsymRERecipe(cfg)
+        recipe.setup()  # every input a user wrote is checked here, before any model loads
+    except (InputError, RewardError) as e:  # one line naming it; the traceback only with logging.verbose=true
+        if cfg.logging.verbose:
+            raise
+        print(f"{e.label}: {e}", file=sys.stderr)
         return 2
     try:
         summary = recipe.train()

@@ -48,6 +48,8 @@ _RESERVED = {"prompt", "prompts", "completion", "completions", "completion_ids",
 class RewardError(RuntimeError):
     """A reward function cannot be used, or failed on every sample of a step."""
 
+    label = "reward error"
+
 
 @dataclass
 class TrainerState:

@@ -8,8 +8,11 @@ TRL's prompt formats: a prompt string (standard) or a list of chat messages (con
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+from asymre.config import InputError
 from asymre.data import Prompt
 
 MATH_INSTRUCTION = "Solve the problem. Put the final answer in \\boxed{}."
@@ -17,27 +20,71 @@ GSM8K_INSTRUCTION = "Solve the problem step by step. End with '#### ' followed b
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A dataset file or row is unusable; the message names the file, row and column."""
+
+    label = "data error"
+
+
+def _check_file(p: Path) -> None:
+    """An empty file, or a JSON Lines file with a line that is not JSON, named with its line, before `datasets`
+    reads it (its own errors name neither)."""
+    if p.stat().st_size == 0 or not p.read_text(errors="replace").strip():
+        raise DataError(f"{p}: empty file (no rows)")
+    if p.suffix.lower() == ".jsonl":
+        with p.open(errors="replace") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{p}, line {n}: a row must be a JSON object, got {type(row).__name__}")
+
+
+def _looks_like_a_path(path: str) -> bool:
+    """A local path rather than a hub id ('org/name', or a legacy 'name'): absolute, relative with ./ ../ ~,
+    a data file's extension, or more than one '/'."""
+    return path.startswith(("/", "./", "../", "~")) or Path(path).suffix.lower() in _BUILDERS or path.count("/") > 1
 
 
 def load_rows(path: str, split: str, subset: str | None = None) -> tuple[list[dict], str]:
     """Rows of `split` from a local file/folder or a hub id, and a label naming the source."""
     from datasets import load_dataset
 
-    p = Path(path)
+    p = Path(path).expanduser()
     if p.is_file():
         builder = _BUILDERS.get(p.suffix.lower())
         if builder is None:
             raise DataError(f"{p}: unsupported file type {p.suffix!r}; expected one of {sorted(_BUILDERS)}")
-        ds = load_dataset(builder, data_files={split: str(p)}, split=split)
+        _check_file(p)
+        import datasets
+
+        shown = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a local file loads in a blink; its bars would bury a data error's one line
+        try:
+            ds = load_dataset(builder, data_files={split: str(p)}, split=split)
+        except Exception as e:  # noqa: BLE001 - a file datasets cannot read: say which, in one line
+            raise DataError(f"{p}: cannot be read as {builder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        finally:
+            if shown:
+                datasets.enable_progress_bars()
         return [dict(r) for r in ds], str(p)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in _BUILDERS and split in f.stem)
         if not files:
             raise DataError(f"{p}: no {split} file (*{split}*.jsonl/.json/.parquet/.csv) in this folder")
         return load_rows(str(files[0]), split)
-    ds = load_dataset(path, subset, split=split)
+    if _looks_like_a_path(path):
+        raise DataError(f"{path}: no such file or folder")
+    try:
+        ds = load_dataset(path, subset, split=split)
+    except Exception as e:  # noqa: BLE001 - the hub (or its cache) could not give it: one line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: not a local file or folder, and the hub dataset could not be loaded (this machine may "
+                        f"have no hub access; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {first}") from None
     return [dict(r) for r in ds], f"{path}[{split}]"
 
 
