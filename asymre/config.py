@@ -86,7 +86,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = _f(0.5, "vLLM on GPU: share of GPU memory the engine may use.", "(0, 1]")
     kv_cache_gb: float = _f(1.0, "vLLM on CPU: KV-cache size in GiB.", "(0, inf)")
     devices: list[int] = _f([], "Async mode on GPUs: device ids for the generation workers (round robin; keep them off the learner's).")
-    server_urls: list[str] = _f([], "Async mode: remote vLLM servers (http://host:port), one worker each, instead of local engines.")
+    server_urls: list[str] = _f([], "Async mode: remote vLLM servers (http:// or https://host:port), one worker each, instead of local engines.")
+    server_api_key_env: str | None = _f(None, "Name of the environment variable holding the servers' API key (vllm serve --api-key); "
+                                              "the key is never written to logs, metrics or config.json.")
     worker_timeout_s: float = _f(600.0, "Async mode: a worker silent for this long is declared dead.", "(0, inf)")
     max_worker_restarts: int = _f(2, "Async mode: restarts allowed per worker before the run stops.", "[0, inf)")
     seed: int = _f(0, "Sampling seed.")
@@ -134,6 +136,8 @@ class SyncConfig:
     method: str = _f("auto", "'auto' (inprocess when colocated, else disk), 'inprocess' (colocated engine), 'broadcast' "
                              "(worker processes, over NCCL on GPUs / gloo on CPU) or 'disk' (safetensors folder).")
     timeout_s: float = _f(300.0, "A push or wait longer than this fails with an error.", "(0, inf)")
+    channel_host: str = _f("127.0.0.1", "Address the 'broadcast' weight channel listens on (loopback: workers run on this machine); "
+                                        "a peer must prove the channel's secret before it joins.")
 
 
 @dataclass
@@ -246,6 +250,9 @@ def validate(cfg: Config) -> Config:
     _check_ranges(cfg)
     if cfg.task.name != "arithmetic" and not cfg.task.path:
         raise ConfigError(f"task.name={cfg.task.name} needs task.path (a hub id, or a local JSONL/parquet file or folder)")
+    bad_urls = [u for u in cfg.rollout.server_urls if not u.startswith(("http://", "https://"))]
+    if bad_urls:
+        raise ConfigError(f"rollout.server_urls: {bad_urls[0]!r} is not an http:// or https:// URL")
     if cfg.rollout.backend not in ("auto", "vllm", "hf") and ":" not in cfg.rollout.backend:
         raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not one of auto, vllm, hf, or a 'pkg.module:factory' path")
     if (cfg.rollout.devices or cfg.rollout.server_urls) and cfg.rollout.mode != "async":

@@ -27,8 +27,9 @@ RUN_FILES = ("metrics.jsonl", "config.json", "checkpoints", "final_model", "sync
 # placement and deadlines. Every other key changes what the run computes and must match.
 MAY_CHANGE_ON_RESUME = ("learner.steps", "resume", "logging.", "eval.", "checkpoint.", "model.cache_dir",
                         "model.gradient_checkpointing", "learner.micro_batch_tokens", "rollout.devices",
-                        "rollout.server_urls", "rollout.gpu_memory_utilization", "rollout.kv_cache_gb",
-                        "rollout.worker_timeout_s", "rollout.max_worker_restarts", "sync.timeout_s", "reward.timeout_s")
+                        "rollout.server_urls", "rollout.server_api_key_env", "rollout.gpu_memory_utilization", "rollout.kv_cache_gb",
+                        "rollout.worker_timeout_s", "rollout.max_worker_restarts", "sync.timeout_s", "sync.channel_host",
+                        "reward.timeout_s")
 
 
 class RunDirError(InputError):

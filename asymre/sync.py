@@ -11,9 +11,13 @@ engine, never a silent hang.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -57,6 +61,26 @@ def read_weights_folder(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]
         yield from load_file(str(f)).items()
 
 
+class ChannelAuthError(RuntimeError):
+    """A peer tried to join a weight channel without its secret; the channel is closed, nothing was sent."""
+
+
+def _proof(secret: str, nonce: str) -> str:
+    return hmac.new(secret.encode(), nonce.encode(), hashlib.sha256).hexdigest()
+
+
+def _listening_socket(host: str) -> tuple[int, int]:
+    """A TCP socket bound to `host` only, listening, handed to the store by file descriptor: torch's TCPStore
+    binds every interface whatever host it is given (measured: `*:PORT`), this one binds just `host`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    return sock.detach(), port  # the store owns the descriptor from here on
+
+
 class WeightChannel:
     """A two-member process group, learner (rank 0) -> one worker process (rank 1), for weight pushes.
 
@@ -64,12 +88,19 @@ class WeightChannel:
     learners' DDP/FSDP group and a restarted worker only rebuilds its own channel. Backend 'nccl' (the
     weights travel GPU to GPU; the worker receives into its generation GPU) or 'gloo' (CPU). The learner
     side is made in two halves: `listen()` opens the store (its port goes to the worker), `connect()`
-    then meets the worker; every collective fails after `timeout_s` instead of hanging."""
+    then meets the worker; every collective fails after `timeout_s` instead of hanging.
 
-    def __init__(self, host: str, port: int, rank: int, backend: str, timeout_s: float, store=None):
+    Nothing listens beyond `host` (default 127.0.0.1, `sync.channel_host`): the store's socket and gloo's
+    pair sockets are bound to it. The store itself has no authentication, so before either side joins the
+    group the worker proves it holds the channel's secret (sent to it over its multiprocessing pipe, never
+    over the network): HMAC-SHA256 of a nonce the learner puts in the store. A wrong proof closes the
+    channel with `ChannelAuthError` before any weight is sent. NCCL's own bootstrap sockets follow
+    NCCL_SOCKET_IFNAME (set it to `lo` on one host)."""
+
+    def __init__(self, host: str, port: int, rank: int, backend: str, timeout_s: float, store=None, secret: str = ""):
         import torch.distributed as dist
 
-        self.host, self.rank, self.backend, self.timeout_s = host, rank, backend, timeout_s
+        self.host, self.rank, self.backend, self.timeout_s, self.secret = host, rank, backend, timeout_s, secret
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.store = store if store is not None else dist.TCPStore(host, port, world_size=2, is_master=False,
                                                                     timeout=timedelta(seconds=timeout_s))
@@ -77,19 +108,38 @@ class WeightChannel:
         self.group = None
 
     @classmethod
-    def listen(cls, backend: str, timeout_s: float, host: str = "127.0.0.1") -> "WeightChannel":
+    def listen(cls, backend: str, timeout_s: float, host: str = "127.0.0.1", secret: str | None = None) -> "WeightChannel":
         import torch.distributed as dist
 
-        store = dist.TCPStore(host, 0, world_size=2, is_master=True, timeout=timedelta(seconds=timeout_s),
-                              wait_for_workers=False)
-        return cls(host, store.port, 0, backend, timeout_s, store=store)
+        fd, port = _listening_socket(host)
+        store = dist.TCPStore(host, port, world_size=2, is_master=True, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False, master_listen_fd=fd)
+        channel = cls(host, store.port, 0, backend, timeout_s, store=store, secret=secret or secrets.token_hex(16))
+        channel.store.set("asymre/nonce", secrets.token_hex(16))
+        return channel
+
+    def _authenticate(self) -> None:
+        """Worker: publish the proof of the secret. Learner: check it, or close the channel."""
+        nonce = self.store.get("asymre/nonce").decode()
+        if self.rank == 1:
+            self.store.set("asymre/proof", _proof(self.secret, nonce))
+            return
+        got = self.store.get("asymre/proof").decode()  # waits up to timeout_s for the peer
+        if not hmac.compare_digest(got, _proof(self.secret, nonce)):
+            self.close()
+            raise ChannelAuthError(f"weight channel on {self.host}:{self.port}: a peer joined with a wrong secret; "
+                                   "refused before any weight was sent")
 
     def connect(self) -> "WeightChannel":
         import torch.distributed as dist
 
         timeout = timedelta(seconds=self.timeout_s)
+        self._authenticate()
         if self.backend == "gloo":
-            self.group = dist.ProcessGroupGloo(self.store, self.rank, 2, timeout)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]  # pair sockets on `host` only
+            opts._timeout = timeout
+            self.group = dist.ProcessGroupGloo(self.store, self.rank, 2, opts)
         elif self.backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout

@@ -65,6 +65,9 @@ class AsymRERecipe:
                                    cfg.learner.steps)
         train, self.eval_prompts = build_task(cfg.task)
         check_model_name(cfg.model.name)
+        key_env = cfg.rollout.server_api_key_env
+        if cfg.rollout.server_urls and key_env and not os.environ.get(key_env):
+            raise ConfigError(f"rollout.server_api_key_env={key_env}: that environment variable is not set")
         self.async_mode = cfg.rollout.mode == "async"
         shard, shards = (0, 1) if self.async_mode else (acc.process_index, acc.num_processes)
         self.prompts = PromptStream(train, cfg.task.seed, shard, shards)
@@ -98,7 +101,8 @@ class AsymRERecipe:
                 scorer_args = dict(specs=list(cfg.reward.funcs), weights=list(cfg.reward.weights), timeout_s=cfg.reward.timeout_s,
                                    scale=cfg.reward.scale, max_steps=cfg.learner.steps)
                 self.pool = WorkerPool(len(self._worker_placement()), make_generator, gen_args, scorer_args, ro.worker_timeout_s,
-                                       ro.max_worker_restarts, per_worker=self._worker_placement())
+                                       ro.max_worker_restarts, per_worker=self._worker_placement(), channel_host=cfg.sync.channel_host,
+                                       vocab_size=self.learner.unwrapped().get_input_embeddings().num_embeddings)
             self.generator = None
         else:
             self.generator = make_generator(*gen_args, chat_template_kwargs=dict(cfg.task.chat_template_kwargs))
@@ -197,8 +201,8 @@ class AsymRERecipe:
         each pinned to one of rollout.devices (round robin) when the list is set."""
         ro = self.cfg.rollout
         fmt = {"chat_template_kwargs": dict(self.cfg.task.chat_template_kwargs)}
-        if ro.server_urls:
-            return [({"server_url": url, **fmt}, {}) for url in ro.server_urls]
+        if ro.server_urls:  # the API key stays in the environment: only its variable's name is passed
+            return [({"server_url": url, "api_key_env": ro.server_api_key_env, **fmt}, {}) for url in ro.server_urls]
         env = [{"CUDA_VISIBLE_DEVICES": str(ro.devices[i % len(ro.devices)])} if ro.devices else {} for i in range(ro.num_workers)]
         return [(dict(fmt), e) for e in env]
 

@@ -89,3 +89,25 @@ class ReplyGenerator(SlowGenerator):
             trajs = [Trajectory(pid, self.tokenizer(t, add_special_tokens=False)["input_ids"], t, "stop", self.version) for t in texts]
             groups.append(TrajectoryGroup(p, trajs, self.version))
         return groups
+
+
+class MalformedGenerator(SlowGenerator):
+    """Answers with the defect named in the first prompt's `defect` column: what a buggy or hostile worker
+    could send back (the pool must refuse it before it reaches the buffer)."""
+
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
+        self.sleep = 0.0
+        groups = super().generate(prompts, spec)
+        defect = prompts[0].columns.get("defect")
+        t = groups[0].trajectories[0]
+        if defect == "out_of_vocab":
+            t.completion_ids = [t.completion_ids[0], 10**9]
+        elif defect == "not_int":
+            t.completion_ids = [1.5, 2.0]
+        elif defect == "logprobs":
+            t.logprobs = t.logprobs[:-1]
+        elif defect == "wrong_prompt":
+            groups[0].prompt = Prompt("someone-else", [{"role": "user", "content": "?"}])
+        elif defect == "missing_group":
+            groups = groups[1:]
+        return groups

@@ -1,6 +1,7 @@
 """sync.method=broadcast: weights streamed from the learner's process into generation worker processes
 over a WeightChannel (gloo here; NCCL on GPUs), into the real vLLM engine, surviving a worker restart."""
 
+import os
 import time
 
 import pytest
@@ -10,8 +11,9 @@ from asymre.config import ConfigError, load_config
 from asymre.loss import token_logprobs
 from asymre.rollout.base import SamplingSpec
 from asymre.rollout.worker import WorkerError
-from asymre.sync import WeightChannel, WeightSync
+from asymre.sync import ChannelAuthError, WeightChannel, WeightSync
 from asymre.tasks import build_task
+from tests.net import is_loopback, listening_tcp, process_tree
 from tests.recipe_utils import worker_pool
 
 pytestmark = pytest.mark.slow
@@ -101,6 +103,11 @@ def test_broadcast_reaches_the_vllm_engine_in_a_worker_process(model_path):
     try:
         seconds = WeightSync(interval=1, method="broadcast", timeout_s=120).push(model.state_dict(), 5, pool.handles)
         assert pool.workers[0].version == 5 and seconds > 0
+        # the channel stays open between pushes: nothing the learner or its worker (and the worker's engine)
+        # listens on may be reachable from another machine (torch's TCPStore alone binds every interface)
+        sockets = listening_tcp(process_tree(os.getpid()))
+        assert any(s.endswith(f":{pool.workers[0].channel.port}") for s in sockets), sockets
+        assert sockets and all(is_loopback(s) for s in sockets), sockets
         pool.submit(train[:2], SamplingSpec(n=2, temperature=1.0, max_new_tokens=8, seed=0, logprobs=True))
         results = pool.poll(timeout=300)
     finally:
@@ -152,3 +159,37 @@ def test_broadcast_to_a_worker_that_never_loads_fails_with_its_name(model_path):
         assert time.time() - t0 < 60
     finally:
         pool.close()
+
+
+def _peer(host, port, secret, out):
+    try:
+        ch = WeightChannel(host, port, 1, "gloo", 5.0, secret=secret).connect()
+        out["got"] = [(name, t.clone()) for name, t in ch.receive([("w", (4,), "float32", None)])]
+    except Exception as e:  # noqa: BLE001 - the refused peer's group times out: expected
+        out["error"] = e
+
+
+@pytest.mark.parametrize("secret_ok", [True, False])
+def test_channel_on_a_configured_address_listens_there_only_and_checks_the_secret(secret_ok):
+    """sync.channel_host=127.0.0.2 (a second loopback address standing in for a configured interface): the
+    store and gloo listen on that address only; a peer without the channel's secret is refused before the
+    learner joins the group, and nothing is sent."""
+    import threading
+
+    ch = WeightChannel.listen("gloo", 5.0, host="127.0.0.2")
+    assert [s for s in listening_tcp([os.getpid()]) if s.endswith(f":{ch.port}")] == [f"127.0.0.2:{ch.port}"]
+    out = {}
+    peer = threading.Thread(target=_peer, args=("127.0.0.2", ch.port, ch.secret if secret_ok else "guessed", out), daemon=True)
+    peer.start()
+    if secret_ok:
+        ch.connect()
+        state = {"w": torch.arange(4.0)}
+        ch.send(state, WeightChannel.describe(state))
+        peer.join(10)
+        assert [n for n, _ in out["got"]] == ["w"] and torch.equal(out["got"][0][1], state["w"])
+        assert all(is_loopback(s) for s in listening_tcp([os.getpid()])), listening_tcp([os.getpid()])
+    else:
+        with pytest.raises(ChannelAuthError, match=rf"127\.0\.0\.2:{ch.port}: a peer joined with a wrong secret"):
+            ch.connect()
+        assert ch.group is None
+    ch.close()

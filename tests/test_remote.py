@@ -15,6 +15,8 @@ from asymre.tasks import build_task
 
 class _Handler(BaseHTTPRequestHandler):
     calls: list = []
+    auth: list = []  # the Authorization header of every request
+    token_ids = [33, 2]  # what /v1/completions answers (a test may make it malformed)
 
     def log_message(self, *a):
         pass
@@ -28,15 +30,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
+        self.auth.append(self.headers.get("Authorization"))
         self.calls.append(("GET", self.path, None))
         self._reply({"data": [{"id": "served-model"}]})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+        self.auth.append(self.headers.get("Authorization"))
         self.calls.append(("POST", self.path, body))
         if self.path == "/v1/completions":
             n = body["n"]
-            self._reply({"choices": [{"text": "5", "token_ids": [33, 2], "finish_reason": "stop",
+            self._reply({"choices": [{"text": "5", "token_ids": list(self.token_ids), "finish_reason": "stop",
                                       "logprobs": {"token_logprobs": [-0.1, -0.2]}} for _ in range(n)]})
         else:
             self._reply({})
@@ -44,7 +48,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    _Handler.calls = []
+    _Handler.calls, _Handler.auth = [], []
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()

@@ -16,7 +16,8 @@ def resolve_backend(backend: str) -> str:
 
 def make_generator(backend: str, model_path: str, dtype: str = "float32", seed: int = 0, max_model_len: int = 2048,
                    max_prompt_tokens: int = 1024, gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0,
-                   device: str | None = None, server_url: str | None = None, chat_template_kwargs: dict | None = None) -> Generator:
+                   device: str | None = None, server_url: str | None = None, chat_template_kwargs: dict | None = None,
+                   api_key_env: str | None = None) -> Generator:
     """Build one generator. Picklable arguments only, so worker processes can call it too.
     `backend` may also be a dotted path 'pkg.module:factory' to a user's own backend, called with
     (model_path, dtype=..., seed=...) and returning an object that implements `Generator`.
@@ -30,7 +31,8 @@ def make_generator(backend: str, model_path: str, dtype: str = "float32", seed: 
     if server_url:
         from asymre.rollout.remote import RemoteVLLMGenerator
 
-        return RemoteVLLMGenerator(server_url, model_path, max_prompt_tokens=max_prompt_tokens, chat_template_kwargs=chat_template_kwargs)
+        return RemoteVLLMGenerator(server_url, model_path, max_prompt_tokens=max_prompt_tokens, chat_template_kwargs=chat_template_kwargs,
+                                   api_key_env=api_key_env)
     if backend == "vllm":
         from asymre.rollout.vllm_engine import VLLMGenerator
 

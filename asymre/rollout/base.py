@@ -77,6 +77,35 @@ def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int, cha
     return out
 
 
+def check_groups(groups, prompts: list[Prompt], spec: SamplingSpec, vocab_size: int | None = None) -> str | None:
+    """What is wrong with `groups` as another process's answer to (prompts, spec), or None. Checked before
+    anything reaches the buffer: a bad token id would otherwise crash deep in the learner's embedding."""
+    if not isinstance(groups, list) or len(groups) != len(prompts):
+        return f"{len(groups) if isinstance(groups, list) else type(groups).__name__} groups for {len(prompts)} prompts"
+    for i, (g, p) in enumerate(zip(groups, prompts)):
+        if not isinstance(g, TrajectoryGroup):
+            return f"group {i} is a {type(g).__name__}, not a TrajectoryGroup"
+        if g.prompt.uid != p.uid:
+            return f"group {i} answers prompt {g.prompt.uid!r}, not the requested {p.uid!r}"
+        if len(g.trajectories) != spec.n:
+            return f"group {i} has {len(g.trajectories)} samples, not {spec.n}"
+        for j, t in enumerate(g.trajectories):
+            for what, ids in (("prompt", t.prompt_ids), ("completion", t.completion_ids)):
+                if not isinstance(ids, list) or not all(type(x) is int for x in ids):
+                    return f"group {i} sample {j}: {what} token ids are not a list of integers"
+                bad = [x for x in ids if x < 0 or (vocab_size is not None and x >= vocab_size)]
+                if bad:
+                    return f"group {i} sample {j}: {what} token id {bad[0]} is outside the vocabulary (0..{(vocab_size or 1) - 1})"
+            if not t.prompt_ids:
+                return f"group {i} sample {j}: empty prompt token ids"
+            if spec.logprobs and (t.logprobs is None or len(t.logprobs) != len(t.completion_ids)):
+                return (f"group {i} sample {j}: {'no' if t.logprobs is None else len(t.logprobs)} log-probs for "
+                        f"{len(t.completion_ids)} completion tokens")
+            if not isinstance(t.text, str):
+                return f"group {i} sample {j}: text is a {type(t.text).__name__}, not a string"
+    return None
+
+
 def trim_completion(ids: list[int], eos_ids: set[int], pad_id: int | None) -> tuple[list[int], str]:
     """Cut a generated sequence after its first EOS (kept: the policy must learn to stop).
     Returns (ids, finish_reason)."""

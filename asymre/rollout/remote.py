@@ -3,27 +3,41 @@
 Start each server with the dev endpoints on (`VLLM_SERVER_DEV_MODE=1 vllm serve MODEL`); generation goes
 through its OpenAI-compatible `/v1/completions` with token-id prompts, and weight pushes through
 `/collective_rpc` -> `reload_weights(weights_path=...)` then `/reset_prefix_cache`. The weight folder
-must be on storage the server can read (the 'disk' sync method). Plain HTTP with the standard library.
+must be on storage the server can read (the 'disk' sync method). HTTP or HTTPS with the standard library;
+with `api_key_env`, the key (read from that environment variable in the worker's own process, so it never
+travels in arguments, logs or the run's config) goes in `Authorization: Bearer`, as `vllm serve --api-key`
+expects. Every answer is checked (`check_groups`) before it leaves this object: a malformed one is an error
+naming the server.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.models import load_tokenizer
-from asymre.rollout.base import SamplingSpec, encode_prompts
+from asymre.rollout.base import SamplingSpec, check_groups, encode_prompts
 
 
 class RemoteVLLMGenerator:
     remote = True
 
     def __init__(self, url: str, model_path: str, max_prompt_tokens: int = 1024, timeout_s: float = 600.0,
-                 chat_template_kwargs: dict | None = None):
+                 chat_template_kwargs: dict | None = None, api_key_env: str | None = None):
         self.url = url.rstrip("/")
+        self._headers = {"Content-Type": "application/json"}
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise ValueError(f"rollout.server_api_key_env={api_key_env}: that environment variable is not set")
+            self._headers["Authorization"] = f"Bearer {key}"
         self.tokenizer = load_tokenizer(model_path)
+        from transformers import AutoConfig
+
+        self.vocab_size = max(len(self.tokenizer), getattr(AutoConfig.from_pretrained(model_path), "vocab_size", 0) or 0)
         self.max_prompt_tokens = max_prompt_tokens
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.timeout_s = timeout_s
@@ -32,7 +46,7 @@ class RemoteVLLMGenerator:
 
     def _post_get(self, path: str, body: dict | None = None) -> dict:
         req = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+                                     headers=dict(self._headers), method="GET" if body is None else "POST")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 raw = r.read()
@@ -52,6 +66,8 @@ class RemoteVLLMGenerator:
             if spec.logprobs:
                 body["logprobs"] = 0
             res = self._post_get("/v1/completions", body)
+            if not isinstance(res.get("choices"), list) or not all(isinstance(c, dict) and "text" in c for c in res["choices"]):
+                raise RuntimeError(f"vLLM server {self.url}: /v1/completions answered without a list of choices with text")
             trajs = []
             for c in res["choices"]:
                 lp = c.get("logprobs", {}) or {}
@@ -59,6 +75,9 @@ class RemoteVLLMGenerator:
                                         finish_reason="stop" if c.get("finish_reason") == "stop" else "length",
                                         version=self.version, logprobs=lp.get("token_logprobs") if spec.logprobs else None))
             groups.append(TrajectoryGroup(prompt=p, trajectories=trajs, version=self.version))
+        problem = check_groups(groups, prompts, spec, self.vocab_size)
+        if problem:
+            raise RuntimeError(f"vLLM server {self.url} returned malformed completions: {problem}")
         return groups
 
     def load_weights(self, weights, version: int) -> None:

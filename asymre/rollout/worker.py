@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from asymre.data import Prompt, TrajectoryGroup
-from asymre.rollout.base import SamplingSpec
+from asymre.rollout.base import SamplingSpec, check_groups
 
 
 def torch_cuda_available() -> bool:
@@ -73,8 +73,8 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
             elif kind == "channel":
                 from asymre.sync import WeightChannel
 
-                _, host, port, backend, timeout_s = msg
-                channel = WeightChannel(host, port, 1, backend, timeout_s).connect()
+                _, host, port, backend, timeout_s, secret = msg
+                channel = WeightChannel(host, port, 1, backend, timeout_s, secret=secret).connect()
             elif kind == "weights_broadcast":
                 _, meta, version = msg
                 gen.load_weights(channel.receive(meta), version)
@@ -145,8 +145,12 @@ class WorkerHandle:
 class WorkerPool:
     def __init__(self, num_workers: int, factory: Callable, factory_args: tuple, scorer_args: dict | None = None,
                  worker_timeout_s: float = 600.0, max_restarts: int = 2, start_timeout_s: float = 600.0,
-                 per_worker: list[tuple[dict, dict]] | None = None):
-        """`per_worker[i]` = (extra factory kwargs, environment) for worker i, e.g. its GPU or server URL."""
+                 per_worker: list[tuple[dict, dict]] | None = None, channel_host: str = "127.0.0.1",
+                 vocab_size: int | None = None):
+        """`per_worker[i]` = (extra factory kwargs, environment) for worker i, e.g. its GPU or server URL.
+        `channel_host`: the interface a broadcast weight channel listens on (sync.channel_host)."""
+        self.channel_host = channel_host
+        self.vocab_size = vocab_size  # token ids coming back are checked against it (the learner's embedding rows)
         self.ctx = mp.get_context("spawn")  # vLLM and torch threads do not survive fork
         self.factory, self.factory_args, self.scorer_args = factory, factory_args, scorer_args
         self.per_worker = per_worker or [({}, {})] * num_workers
@@ -200,7 +204,11 @@ class WorkerPool:
         w.last_heard = time.monotonic()
         if kind == "groups":
             rid, groups, metrics = payload
-            if w.pending.pop(rid, None) is not None:  # else a duplicate from a worker killed mid-send
+            request = w.pending.pop(rid, None)
+            if request is not None:  # else a duplicate from a worker killed mid-send
+                problem = check_groups(groups, request[0], request[1], self.vocab_size)
+                if problem:
+                    raise WorkerError(f"generation worker {index} returned malformed groups for request {rid}: {problem}")
                 self.results.append((index, groups, metrics))
         elif kind == "reward_error":
             rid, err = payload
@@ -309,8 +317,8 @@ class WorkerPool:
                 if backend == "nccl" and "CUDA_VISIBLE_DEVICES" not in self.per_worker[index][1]:
                     raise ValueError("sync.method=broadcast on GPUs needs each worker on its own GPU (rollout.devices): "
                                      "NCCL cannot connect two ranks on one device")
-                channel = WeightChannel.listen(backend, timeout_s)
-                w.ctrl_q.put(("channel", channel.host, channel.port, backend, timeout_s))
+                channel = WeightChannel.listen(backend, timeout_s, host=self.channel_host)
+                w.ctrl_q.put(("channel", channel.host, channel.port, backend, timeout_s, channel.secret))  # the secret: pipe only
                 w.channel = channel.connect()
             meta = WeightChannel.describe(state_dict)
             w.ctrl_q.put(("weights_broadcast", meta, version))
