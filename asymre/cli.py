@@ -33,7 +33,8 @@ def _eval(a) -> int:
                          ro.max_prompt_tokens, ro.gpu_memory_utilization, ro.kv_cache_gb,
                          chat_template_kwargs=dict(cfg.task.chat_template_kwargs))
     try:
-        res = evaluate(gen, prompts, scorer, cfg.eval.preset, cfg.eval.k, cfg.eval.max_new_tokens, seed=cfg.learner.seed)
+        res = evaluate(gen, prompts, scorer, cfg.eval.preset, cfg.eval.k, cfg.eval.max_new_tokens, seed=cfg.learner.seed,
+                       generation_kwargs=dict(cfg.eval.generation_kwargs))
     finally:
         gen.close()
         scorer.close()

@@ -92,6 +92,9 @@ class RolloutConfig:
     worker_timeout_s: float = _f(600.0, "Async mode: a worker silent for this long is declared dead.", "(0, inf)")
     max_worker_restarts: int = _f(2, "Async mode: restarts allowed per worker before the run stops.", "[0, inf)")
     seed: int = _f(0, "Sampling seed.")
+    generation_kwargs: dict[str, Any] = _f({}, "Extra sampling parameters for the engine (vLLM's SamplingParams: top_k, min_p, "
+                                                "repetition_penalty, stop, ...; hf: GenerationConfig's, e.g. stop_strings); "
+                                                "an unknown key fails at start-up.")
 
 
 @dataclass
@@ -148,6 +151,7 @@ class EvalConfig:
     preset: str = _f("greedy", "'greedy' or 'paper' (T = 0.1, top-p 0.95).")
     k: int = _f(1, "Samples per prompt for pass@k (1 = pass@1 only).", "[1, inf)")
     max_new_tokens: int = _f(2048, "Completion length cap at evaluation.", "[1, inf)")
+    generation_kwargs: dict[str, Any] = _f({}, "Extra sampling parameters at evaluation, on top of the preset (as rollout.generation_kwargs).")
 
 
 @dataclass

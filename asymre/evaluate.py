@@ -22,12 +22,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate(generator: Generator, prompts: list[Prompt], scorer: RewardScorer, preset: str = "greedy", k: int = 1,
-             max_new_tokens: int = 64, seed: int = 0, threshold: float = 0.5, step: int = 0) -> dict[str, float]:
+             max_new_tokens: int = 64, seed: int = 0, threshold: float = 0.5, step: int = 0,
+             generation_kwargs: dict | None = None) -> dict[str, float]:
     """A sample counts as correct when its reward exceeds `threshold` (0.5 suits 0/1 and +-1 scales alike:
     pass it as 0.0 for -1/+1); rewards see `step` as trainer_state.global_step. Greedy with k > 1 samples once (every sample would be the same)."""
     t0 = time.perf_counter()
     n = 1 if preset == "greedy" else k
-    spec = SamplingSpec.preset(preset, n=n, max_new_tokens=max_new_tokens, seed=seed)
+    spec = SamplingSpec.preset(preset, n=n, max_new_tokens=max_new_tokens, seed=seed, extra=generation_kwargs)
     groups = generator.generate(prompts, spec)
     scored = scorer.score(groups, step)
     p1, pk, lens = [], [], []

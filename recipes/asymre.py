@@ -36,7 +36,7 @@ from asymre.models import check_model_name, load_tokenizer, resolve_model
 from asymre.monitor import CollapseMonitor
 from asymre.rewards import RewardError, RewardScorer
 from asymre.rollout import make_generator, resolve_backend
-from asymre.rollout.base import SamplingSpec
+from asymre.rollout.base import SamplingSpec, generation_kwargs_problem
 from asymre.rollout.worker import WorkerPool
 from asymre.run_dir import RunDirError, open_run_dir
 from asymre.sync import WeightSync
@@ -65,6 +65,11 @@ class AsymRERecipe:
                                    cfg.learner.steps)
         train, self.eval_prompts = build_task(cfg.task)
         check_model_name(cfg.model.name)
+        engine_kind = "remote" if cfg.rollout.server_urls else resolve_backend(cfg.rollout.backend)
+        for key, kwargs in (("rollout.generation_kwargs", cfg.rollout.generation_kwargs), ("eval.generation_kwargs", cfg.eval.generation_kwargs)):
+            problem = generation_kwargs_problem(engine_kind, dict(kwargs))
+            if problem:
+                raise ConfigError(f"{key}: {problem}")
         key_env = cfg.rollout.server_api_key_env
         if cfg.rollout.server_urls and key_env and not os.environ.get(key_env):
             raise ConfigError(f"rollout.server_api_key_env={key_env}: that environment variable is not set")
@@ -91,7 +96,7 @@ class AsymRERecipe:
         self.backend = resolve_backend(ro.backend)
         need_logprobs = cfg.loss.name == "grpo"
         self.train_spec = SamplingSpec(n=ro.group_size, temperature=ro.temperature, top_p=ro.top_p,
-                                       max_new_tokens=ro.max_new_tokens, logprobs=need_logprobs)
+                                       max_new_tokens=ro.max_new_tokens, logprobs=need_logprobs, extra=dict(ro.generation_kwargs))
         gen_args = (self.backend, self.model_path, cfg.model.dtype, ro.seed + acc.process_index,
                     ro.max_prompt_tokens + max(ro.max_new_tokens, cfg.eval.max_new_tokens), ro.max_prompt_tokens,
                     ro.gpu_memory_utilization, ro.kv_cache_gb)
@@ -210,7 +215,8 @@ class AsymRERecipe:
     def _spec(self) -> SamplingSpec:
         self.rounds += 1
         s = self.train_spec
-        return SamplingSpec(s.n, s.temperature, s.top_p, s.max_new_tokens, self.cfg.rollout.seed * 1000003 + self.rounds, s.logprobs)
+        return SamplingSpec(s.n, s.temperature, s.top_p, s.max_new_tokens, self.cfg.rollout.seed * 1000003 + self.rounds, s.logprobs,
+                            s.extra)
 
     def _collect_colocated(self, need: int) -> dict[str, float]:
         """Generate rounds with the (possibly stale) colocated engine until `need` fresh groups are buffered."""
@@ -276,7 +282,7 @@ class AsymRERecipe:
             engine = self.eval_engine()
         if self.main:
             out = evaluate(engine, self.eval_prompts, self.scorer, ec.preset, ec.k, ec.max_new_tokens, seed=self.cfg.learner.seed,
-                           step=self.learner.step)
+                           step=self.learner.step, generation_kwargs=dict(ec.generation_kwargs))
             log.info("eval (%s) at step %d: pass@1 = %.3f on %d held-out prompts", tag, self.learner.step, out["eval/pass@1"], len(self.eval_prompts))
         if not self.async_mode and behind:
             self.sync.push(behaviour, behaviour_version, [engine])

@@ -50,6 +50,12 @@ ROWS = [  # (overrides, the one line it prints); {d} is the folder of the data f
     (["learner.lr=0"], "config error: learner.lr=0.0 must be > 0"),
     (["reward.funcs=[no_such_reward]"], "reward error: reward 'no_such_reward': not a built-in (boxed_format, first_number, "
      "just_number_format, length_penalty, math_verify, numeric) and not a dotted path 'pkg.module:function'"),
+    (["rollout.backend=hf", "rollout.generation_kwargs={{stop: [x]}}"],
+     "config error: rollout.generation_kwargs: 'stop' is unknown to the hf engine's sampling parameters"),
+    (["rollout.backend=vllm", "eval.generation_kwargs={{topk: 5}}"],
+     "config error: eval.generation_kwargs: 'topk' is unknown to the vllm engine's sampling parameters"),
+    (["rollout.generation_kwargs={{temperature: 0.5}}"], "config error: rollout.generation_kwargs: 'temperature' is set by "
+     "asymre's own keys (rollout.group_size, temperature, top_p, max_new_tokens, seed)"),
     (["learner.lrr=1"], "config error: command line: bad config key 'learner.lrr': Key 'lrr' not in 'LearnerConfig'. Did you mean: 'lr'?"),
 ]
 

@@ -164,3 +164,19 @@ def test_prompt_ids_the_engine_sees(tmp_path, model_path, template, kwargs):
     assert group.trajectories[0].prompt_ids == list(expected)
     if template == "thinking":
         assert tok.decode(expected).endswith("<|im_start|>assistant\n<think></think>")
+
+
+def test_generation_kwargs_reach_transformers_generate(model_path):
+    """The hf backend passes rollout.generation_kwargs to `generate` (stop_strings needs the tokenizer too)."""
+    from asymre.rollout import make_generator
+    from asymre.rollout.base import SamplingSpec
+
+    train, _ = build_task(load_config("recipes/configs/smollm2_arithmetic_cpu.yaml").task)
+    gen = make_generator("hf", model_path, max_prompt_tokens=128)
+    plain = gen.generate(train[:2], SamplingSpec(n=1, temperature=0.0, max_new_tokens=12))
+    stopped = gen.generate(train[:2], SamplingSpec(n=1, temperature=0.0, max_new_tokens=12, extra={"stop_strings": [" "]}))
+    for p, s in zip(plain, stopped):
+        full, cut = p.trajectories[0].text, s.trajectories[0].text
+        # transformers stops once the text ends with a stop string (matched at token boundaries): an early,
+        # greedy-identical prefix of the run without it
+        assert full.startswith(cut.rstrip()) and len(s.trajectories[0].completion_ids) < len(p.trajectories[0].completion_ids), (full, cut)

@@ -136,3 +136,15 @@ def test_embedding_packing_is_skipped_only_beside_a_separate_lm_head(engine):
         return with_head, _lookup_only_embeddings(gemma_like) == set()
 
     assert engine.llm.collective_rpc(check) == [(True, True)]
+
+
+def test_generation_kwargs_reach_the_engine(engine):
+    """rollout.generation_kwargs go into vLLM's SamplingParams: a stop string ends each completion at its
+    first space, where the same greedy request without it runs on."""
+    train, _ = build_task(load_config("recipes/configs/smollm2_arithmetic_cpu.yaml").task)
+    plain = [g.trajectories[0] for g in engine.generate(train[:4], SamplingSpec(n=1, temperature=0.0, max_new_tokens=16))]
+    stopped = [g.trajectories[0] for g in engine.generate(train[:4], SamplingSpec(n=1, temperature=0.0, max_new_tokens=16,
+                                                                                   extra={"stop": [" "]}))]
+    assert any(" " in t.text.strip() for t in plain)  # without the stop string the model writes on past a space
+    for p, s in zip(plain, stopped):
+        assert s.text == p.text.split(" ")[0] and s.finish_reason == "stop", (p.text, s.text)

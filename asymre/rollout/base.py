@@ -7,7 +7,7 @@ template, so every backend samples from exactly the same token ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Protocol, runtime_checkable
 
 import torch
@@ -27,14 +27,15 @@ class SamplingSpec:
     max_new_tokens: int = 64
     seed: int | None = None
     logprobs: bool = False  # return behaviour log-probs of sampled tokens (GRPO needs them)
+    extra: dict = field(default_factory=dict)  # the engine's own sampling parameters (rollout/eval.generation_kwargs)
 
     @staticmethod
-    def preset(name: str, n: int, max_new_tokens: int, seed: int | None = None) -> "SamplingSpec":
+    def preset(name: str, n: int, max_new_tokens: int, seed: int | None = None, extra: dict | None = None) -> "SamplingSpec":
         """'greedy', 'paper' (the paper's evaluation: T = 0.1, top-p 0.95)."""
         if name == "greedy":
-            return SamplingSpec(n=n, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
+            return SamplingSpec(n=n, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed, extra=dict(extra or {}))
         if name == "paper":
-            return SamplingSpec(n=n, temperature=0.1, top_p=0.95, max_new_tokens=max_new_tokens, seed=seed)
+            return SamplingSpec(n=n, temperature=0.1, top_p=0.95, max_new_tokens=max_new_tokens, seed=seed, extra=dict(extra or {}))
         raise ValueError(f"unknown sampling preset {name!r}; expected 'greedy' or 'paper'")
 
 
@@ -53,6 +54,40 @@ class Generator(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# Sampling settings asymre sets from its own keys (rollout.group_size, temperature, top_p, max_new_tokens, seed,
+# the loss's need for log-probs): never through generation_kwargs.
+OWN_SAMPLING_KEYS = {"n", "temperature", "top_p", "max_tokens", "max_new_tokens", "seed", "logprobs", "do_sample",
+                     "num_return_sequences", "output_scores", "return_dict_in_generate"}
+
+
+def generation_kwargs_problem(backend: str, kwargs: dict) -> str | None:
+    """Why `kwargs` cannot go to `backend`'s sampler, or None: a key asymre sets itself, or one the engine does
+    not know (vLLM's `SamplingParams` fields for vllm and remote servers, `GenerationConfig`'s for hf; a
+    custom backend's keys are its own business)."""
+    if not kwargs:
+        return None
+    own = sorted(set(kwargs) & OWN_SAMPLING_KEYS)
+    if own:
+        return f"{own[0]!r} is set by asymre's own keys (rollout.group_size, temperature, top_p, max_new_tokens, seed)"
+    if backend in ("vllm", "remote"):
+        try:
+            from vllm import SamplingParams
+        except ImportError:  # a remote server's client machine may have no vLLM: the server will say
+            return None
+
+        known = {k for k in SamplingParams.__struct_fields__ if not k.startswith("_")}
+    elif backend == "hf":
+        from transformers import GenerationConfig
+
+        known = set(GenerationConfig().to_dict()) | {"stop_strings"}
+    else:
+        return None
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        return f"{unknown[0]!r} is unknown to the {backend} engine's sampling parameters"
+    return None
 
 
 def prompt_text(prompt: Prompt) -> str:

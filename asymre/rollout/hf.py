@@ -55,6 +55,9 @@ class HFGenerator:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
+        kwargs.update(spec.extra)
+        if "stop_strings" in spec.extra:
+            kwargs["tokenizer"] = self.tokenizer  # transformers needs it to match stop strings
         out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
         new = out.sequences[:, width:]  # [P*n, T]
         logps = None

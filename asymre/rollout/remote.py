@@ -65,6 +65,7 @@ class RemoteVLLMGenerator:
                 body["seed"] = spec.seed
             if spec.logprobs:
                 body["logprobs"] = 0
+            body.update(spec.extra)  # vLLM's server takes its extra sampling parameters in the same body
             res = self._post_get("/v1/completions", body)
             if not isinstance(res.get("choices"), list) or not all(isinstance(c, dict) and "text" in c for c in res["choices"]):
                 raise RuntimeError(f"vLLM server {self.url}: /v1/completions answered without a list of choices with text")

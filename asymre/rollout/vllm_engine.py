@@ -62,7 +62,7 @@ class VLLMGenerator:
 
         greedy = spec.temperature == 0.0
         params = SamplingParams(n=spec.n, temperature=0.0 if greedy else spec.temperature, top_p=1.0 if greedy else spec.top_p,
-                                max_tokens=spec.max_new_tokens, seed=spec.seed, logprobs=0 if spec.logprobs else None)
+                                max_tokens=spec.max_new_tokens, seed=spec.seed, logprobs=0 if spec.logprobs else None, **spec.extra)
         ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.chat_template_kwargs)
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         groups = []
