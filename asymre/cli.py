@@ -1,6 +1,7 @@
 """`asymre` command line: plot a run, evaluate a checkpoint, run the bandit lab.
 
     asymre plot RUN_DIR [--out FILE]
+    asymre show RUN_DIR [--step N] [-n K]
     asymre eval --config CONFIG [--model PATH_OR_NAME] [key=value ...]
     asymre bandit [--out DIR]
 """
@@ -42,6 +43,27 @@ def _eval(a) -> int:
     return 0
 
 
+def show(run_dir: str, step: int | None = None, n: int = 8) -> str:
+    """The sampled completions of one step (the latest by default) from RUN_DIR/completions.jsonl, as text."""
+    from pathlib import Path
+
+    path = Path(run_dir) / "completions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no completions logged (logging.completions_every=0, or the run has no step yet)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    step = rows[-1]["step"] if step is None else step
+    rows = [r for r in rows if r["step"] == step]
+    if not rows:
+        raise ValueError(f"{path}: no completions at step {step}")
+    out = [f"step {step}: {len(rows)} samples (showing {min(n, len(rows))}), policy version {rows[0]['policy_version']}"]
+    for r in rows[:n]:
+        scores = ", ".join(f"{k.rsplit(':', 1)[-1]}={v:.2f}" if isinstance(v, (int, float)) else f"{k.rsplit(':', 1)[-1]}=-"
+                           for k, v in r["rewards"].items())
+        out.append(f"- reward {r['reward']:.2f} ({scores}) advantage {r['advantage']:+.2f} [{r['finish_reason']}, "
+                   f"{r['completion_tokens']} tokens]\n  prompt: {r['prompt']!r}\n  completion: {r['completion']!r}")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="asymre", description="asymre tools")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -52,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     pe.add_argument("--config", required=True)
     pe.add_argument("--model", default=None, help="model name, hub id or folder (e.g. RUN/final_model); default: the config's")
     pe.add_argument("overrides", nargs="*")
+    ps = sub.add_parser("show", help="print a step's sampled prompts, completions, rewards and advantages")
+    ps.add_argument("run_dir")
+    ps.add_argument("--step", type=int, default=None, help="learner step (default: the latest logged)")
+    ps.add_argument("-n", type=int, default=8, help="samples to print")
     pb = sub.add_parser("bandit", help="reproduce the paper's bandit figures")
     pb.add_argument("--out", default="runs/bandit")
     a = p.parse_args(argv)
@@ -59,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         from asymre.plot import plot_run
 
         print(plot_run(a.run_dir, a.out))
+        return 0
+    if a.cmd == "show":
+        try:
+            print(show(a.run_dir, a.step, a.n))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if a.cmd == "eval":
         from asymre.config import InputError

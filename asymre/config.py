@@ -174,6 +174,8 @@ class LoggingConfig:
     project: str = _f("asymre", "wandb project.")
     tags: list[str] = _f([], "wandb tags.")
     progress: bool = _f(True, "Show a progress bar.")
+    completions_every: int = _f(1, "Write the step's sampled prompts, completions, rewards and advantages to completions.jsonl "
+                                   "(and a wandb table) every N learner steps (0 = never).", "[0, inf)")
     collapse_entropy: float = _f(0.05, "Collapse signal: warn when the mean policy entropy on sampled tokens (nats) drops below this.", "[0, inf)")
     collapse_distinct: float = _f(1.05, "Collapse signal: warn when distinct final answers per group drop below this.", "[0, inf)")
     collapse_reward_drop: float = _f(0.3, "Collapse signal: warn when the reward average falls this far below its best.", "[0, inf)")

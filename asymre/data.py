@@ -34,6 +34,7 @@ class Trajectory:
     logprobs: list[float] | None = None  # behaviour log-probs of completion tokens, when the engine gives them
     reward: float | None = None  # None until scored, or when every reward function abstained/failed
     extras: dict[str, Any] = field(default_factory=dict)  # columns a reward logged for this sample (TRL's log_extra)
+    scores: dict[str, float | None] = field(default_factory=dict)  # each reward function's value, before weights
 
     @property
     def num_tokens(self) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,12 @@ class StepBatch:
     rewards: torch.Tensor  # [B]
     targets: torch.Tensor  # [B] baseline V (asymre) or advantage (grpo)
     old_logps: list[list[float]] | None  # behaviour log-probs (grpo)
+    refs: list[tuple[int, int]] = field(default_factory=list)  # (group index, trajectory index) of each sample
+    kind: str = "asymre"  # loss.name
+
+    @property
+    def advantages(self) -> torch.Tensor:  # [B] what multiplies log pi(y|x): r - V, GRPO's advantage, or r
+        return self.rewards - self.targets if self.kind == "asymre" else (self.targets if self.kind == "grpo" else self.rewards)
 
     @property
     def num_tokens(self) -> int:
@@ -86,17 +92,19 @@ class Learner:
         self.pad_id = 0
         self.running = RunningBaseline(cfg.loss.running_momentum)
         self.step = 0  # learner version: the number of optimiser steps taken
+        self.last_batch: StepBatch | None = None  # the last step's samples, targets and advantages (completions log)
 
     # ---- targets over the whole step -------------------------------------------------------------
     def build_batch(self, groups: list[TrajectoryGroup]) -> StepBatch:
-        seqs, comp_lens, rewards, gids, old, uids = [], [], [], [], [], []
-        for g in groups:
-            scored = [t for t in g.trajectories if t.reward is not None and t.completion_ids]
+        seqs, comp_lens, rewards, gids, old, uids, refs = [], [], [], [], [], [], []
+        for group_index, g in enumerate(groups):
+            scored = [(j, t) for j, t in enumerate(g.trajectories) if t.reward is not None and t.completion_ids]
             if not scored:
                 continue
             gi = len(uids)
             uids.append(g.prompt.uid)
-            for t in scored:
+            for j, t in scored:
+                refs.append((group_index, j))
                 seqs.append(t.prompt_ids + t.completion_ids)
                 comp_lens.append(len(t.completion_ids))
                 rewards.append(float(t.reward))
@@ -116,7 +124,7 @@ class Learner:
             targets = grpo_advantages(r, g)  # [B]
         else:
             targets = torch.zeros_like(r)
-        return StepBatch(seqs, comp_lens, r, targets, old if lc.name == "grpo" else None)
+        return StepBatch(seqs, comp_lens, r, targets, old if lc.name == "grpo" else None, refs, lc.name)
 
     # ---- one optimiser step ----------------------------------------------------------------------
     def _collate(self, batch: StepBatch, idx: list[int]):
@@ -167,7 +175,7 @@ class Learner:
     def train_step(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
         """One optimiser step on `groups` (this rank's share). Returns metrics."""
         t0 = time.perf_counter()
-        batch = self.build_batch(groups)
+        batch = self.last_batch = self.build_batch(groups)
         lc, acc = self.cfg.loss, self.accelerator
         normalizer = len(batch.seqs) if lc.aggregation == "seq_mean" else float(sum(batch.completion_lens))
         micro = bucket_by_length([len(s) for s in batch.seqs], self.cfg.learner.micro_batch_tokens)

@@ -20,6 +20,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
+        self._completions = None  # completions.jsonl, opened on first use
         self.t0 = time.time()
         if not enabled:
             return
@@ -41,9 +42,27 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def log_completions(self, rows: list[dict[str, Any]], step: int) -> None:
+        """The step's sampled completions to `completions.jsonl` (one JSON line each) and, with wandb, to a
+        `completions` table: TRL's `log_completions`, so a reward hack can be read, not only plotted."""
+        if not self.enabled or not rows:
+            return
+        if self._completions is None:
+            self._completions = open(self.path.parent / "completions.jsonl", "a", buffering=1)
+        for row in rows:
+            self._completions.write(json.dumps({"step": step, **row}) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            columns = ["step", "policy_version", "prompt", "completion", "reward", "advantage"]
+            self.wandb.log({"completions": wandb.Table(columns=columns, data=[[step] + [r.get(c) for c in columns[1:]] for r in rows])},
+                           step=step)
+
     def close(self) -> None:
         if not self.enabled:
             return
+        if self._completions is not None:
+            self._completions.close()
         self._fh.close()
         if self.wandb is not None:
             self.wandb.finish()

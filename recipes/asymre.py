@@ -323,6 +323,9 @@ class AsymRERecipe:
             groups, m = self._next_groups()
             staleness = [self.learner.step - g.version for g in groups]
             m.update(self.learner.train_step(groups))
+            every = cfg.logging.completions_every
+            if every and self.learner.step % every == 0:
+                self.metrics.log_completions(_completion_rows(groups, self.learner.last_batch), self.learner.step)
             if self.sync.due(self.learner.step):
                 m["sync/seconds"] = self._push_weights()
                 m["sync/version"] = float(self.learner.step)
@@ -374,6 +377,19 @@ class AsymRERecipe:
             self.generator.close()
         self.scorer.close()
         self.metrics.close()
+
+
+def _completion_rows(groups, batch) -> list[dict]:
+    """One row per trained sample: what it was asked, what it answered, how each reward scored it, and the
+    advantage the learner gave it (this rank's share of the step)."""
+    rows = []
+    for (gi, ti), adv in zip(batch.refs, batch.advantages.tolist()):
+        g = groups[gi]
+        t = g.trajectories[ti]
+        rows.append({"group": gi, "prompt_uid": g.prompt.uid, "prompt": g.prompt.messages[-1]["content"], "completion": t.text,
+                     "reward": t.reward, "rewards": dict(t.scores), "advantage": adv, "policy_version": g.version,
+                     "finish_reason": t.finish_reason, "completion_tokens": len(t.completion_ids), **({"extra": t.extras} if t.extras else {})})
+    return rows
 
 
 def _mean(xs) -> float:

@@ -66,3 +66,18 @@ def test_plot_empty_run_is_an_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="no metrics"):
         plot_run(tmp_path)
+
+
+def test_asymre_show_prints_the_latest_steps_completions(tmp_path, capsys):
+    from asymre.cli import main
+
+    rows = [{"step": s, "group": 0, "prompt_uid": "arith:3+5", "prompt": "What is 3 + 5?", "completion": c, "reward": r,
+             "rewards": {"numeric": r}, "advantage": r - 0.4, "policy_version": s - 1, "finish_reason": "stop", "completion_tokens": 2}
+            for s, c, r in [(1, "7", 0.0), (2, "8", 1.0), (2, "9", 0.0)]]
+    (tmp_path / "completions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["show", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("step 2: 2 samples (showing 2), policy version 1")
+    assert "reward 1.00 (numeric=1.00) advantage +0.60" in out and "completion: '8'" in out and "'7'" not in out
+    assert main(["show", str(tmp_path), "--step", "1", "-n", "1"]) == 0 and "completion: '7'" in capsys.readouterr().out
+    assert main(["show", str(tmp_path / "nothing")]) == 2

@@ -93,6 +93,20 @@ def test_recipe_runs_end_to_end(path, tmp_path, vllm_engine, monkeypatch):
     assert {"eval/pass@1_start", "eval/pass@1_end"} <= set(summary)
     assert all(f"reward/{spec}_mean" in r for spec in cfg.reward.funcs for r in steps)
     assert (tmp_path / "run" / "final_model" / "config.json").is_file()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [1, 2] and len(rows) == 2 * cfg.learner.groups_per_step * cfg.rollout.group_size
+    for r in rows:  # what a user reads to catch reward hacking
+        assert {"prompt", "completion", "reward", "rewards", "advantage", "policy_version", "finish_reason"} <= set(r)
+        assert set(r["rewards"]) == set(cfg.reward.funcs) and isinstance(r["completion"], str) and r["prompt"]
+    if cfg.loss.name == "asymre" and cfg.loss.baseline == "group_mean":  # advantage = r - (group mean + delta_V)
+        for step in (1, 2):
+            by_prompt = {}
+            for r in rows:
+                if r["step"] == step:
+                    by_prompt.setdefault(r["group"], []).append(r)
+            for group in by_prompt.values():
+                mean = sum(r["reward"] for r in group) / len(group)
+                assert all(abs(r["advantage"] - (r["reward"] - mean - cfg.loss.delta_v)) < 1e-5 for r in group)
     if path == "examples/conversational/config.yaml":  # its rewards index completion[0]["content"] and call log_metric
         assert all(0.0 <= r["reward/custom/answered_with_a_number"] <= 1.0 for r in steps)
     if cfg.rollout.mode == "colocated":  # the engine saw the chat template applied to each prompt's messages

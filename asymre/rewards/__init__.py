@@ -277,6 +277,8 @@ class RewardScorer:
                 log.warning("reward function %r at step %d: %s", spec, step, outcome.problem)
             ok = [v for v in outcome.values if v is not None]
             metrics[f"reward/{spec}_mean"] = sum(ok) / len(ok) if ok else float("nan")
+            for (_, t), v in zip(flat, outcome.values):
+                t.scores[spec] = v
             for j, v in enumerate(outcome.values):
                 if v is None:
                     continue
