@@ -49,9 +49,9 @@ log = logging.getLogger("asymre")
 class AsymRERecipe:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        _refuse_a_dropped_backend()
         # step_scheduler_with_optimizer=False: one LR-schedule step per learner step (Accelerate would
         # otherwise step it once per process, running the schedule num_processes times too fast).
-        _refuse_a_dropped_backend()
         self.acc = Accelerator(cpu=not _has_gpu(), step_scheduler_with_optimizer=False)
         self.main = self.acc.is_main_process
         self.run_dir = Path(cfg.logging.run_dir)
