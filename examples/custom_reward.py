@@ -43,12 +43,15 @@ def trl_accuracy_reward(prompts, completions, **kwargs):
     return rewards
 
 
+CONFIG = "recipes/configs/smollm2_arithmetic_cpu.yaml"
+OVERRIDES = ["reward.funcs=[examples.custom_reward:concise_correct,examples.custom_reward:trl_accuracy_reward]",
+             "reward.weights=[1.0,0.5]", "learner.steps=4", "logging.run_name=custom-reward"]
+
+
 def main() -> int:
     root = Path(__file__).resolve().parent.parent
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "recipes/accelerate/cpu.yaml",
-           "recipes/asymre.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml",
-           "reward.funcs=[examples.custom_reward:concise_correct,examples.custom_reward:trl_accuracy_reward]",
-           "reward.weights=[1.0,0.5]", "learner.steps=4", "logging.run_name=custom-reward", *sys.argv[1:]]
+           "recipes/asymre.py", "--config", CONFIG, *OVERRIDES, *sys.argv[1:]]
     return subprocess.call(cmd, cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
 
 

@@ -28,6 +28,8 @@ DATA_FIXTURES = {"DigitalLearningGmbH/MATH-lighteval": DATA / "math_train.jsonl"
 
 CONFIGS = ["recipes/configs/smollm2_arithmetic_cpu.yaml", "recipes/configs/qwen2.5_3b_math_1gpu.yaml",
            "recipes/configs/llama3.1_8b_math_8gpu.yaml", "examples/conversational/config.yaml"]
+# Examples that are a config plus overrides (their own launch line): (config, overrides) as the example runs it.
+EXAMPLE_RUNS = {"examples/custom_reward.py": "examples.custom_reward"}
 
 
 def test_every_shipped_config_is_run_here():
@@ -68,9 +70,24 @@ def _shared_engine_factory(engine, real_factory):
     return make
 
 
-@pytest.mark.parametrize("path", CONFIGS)
-def test_recipe_runs_end_to_end(path, tmp_path, vllm_engine, monkeypatch):
-    cfg = load_config(ROOT / path, HARDWARE + CPU_SCALE + _data_overrides(path) + [f"logging.run_dir={tmp_path / 'run'}"])
+def _runs():
+    """(config, the example's own overrides) for every shipped config and example."""
+    import importlib
+
+    runs = [(path, []) for path in CONFIGS]
+    for module in EXAMPLE_RUNS.values():
+        mod = importlib.import_module(module)
+        runs.append((mod.CONFIG, [o for o in mod.OVERRIDES if not o.startswith(("learner.steps=", "logging."))]))
+    return runs
+
+
+def test_every_example_script_is_run_here():
+    assert {str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.py") if p.name != "__init__.py"} == set(EXAMPLE_RUNS)
+
+
+@pytest.mark.parametrize("path, own", _runs(), ids=[p for p in CONFIGS] + list(EXAMPLE_RUNS))
+def test_recipe_runs_end_to_end(path, own, tmp_path, vllm_engine, monkeypatch):
+    cfg = load_config(ROOT / path, own + HARDWARE + CPU_SCALE + _data_overrides(path) + [f"logging.run_dir={tmp_path / 'run'}"])
     mod = load_recipe_module()
     if cfg.rollout.mode == "colocated":  # async workers build their own engine in their own process
         monkeypatch.setattr(mod, "make_generator", _shared_engine_factory(vllm_engine, mod.make_generator))
