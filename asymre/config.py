@@ -168,7 +168,8 @@ class CheckpointConfig:
 class LoggingConfig:
     run_dir: str = _f("runs/${logging.run_name}", "Run folder: metrics.jsonl, checkpoints, final model.")
     run_name: str = _f("asymre", "Run name (wandb too).")
-    verbose: bool = _f(False, "Show the traceback of a start-up error (bad config, data, model or run folder), not just its one line.")
+    verbose: bool = _f(False, "Show the libraries' own log lines (vLLM's engine set-up, transformers' loading bars, deprecation "
+                              "notices) and the traceback of a start-up error, not just its one line.")
     overwrite: bool = _f(False, "Start over in a run folder that holds an earlier run: delete its metrics, checkpoints and final model first.")
     report_to: list[str] = _f([], "Trackers besides metrics.jsonl: 'wandb'.")
     project: str = _f("asymre", "wandb project.")

@@ -397,6 +397,28 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _quiet(verbose: bool) -> None:
+    """asymre's own lines, the progress bar and real warnings; the libraries' start-up chatter (vLLM's engine
+    config and environment advice, transformers' loading bars, deprecation notices) only with
+    logging.verbose=true. Set before vLLM is imported (here, and in worker processes through the environment)."""
+    noisy = ("vllm", "transformers", "accelerate", "httpx", "datasets", "math_verify")
+    if verbose:
+        for name in noisy:
+            logging.getLogger(name).setLevel(logging.INFO)
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    for name in noisy:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _has_gpu() -> bool:
     import torch
 
@@ -420,13 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    for noisy in ("vllm", "transformers", "accelerate", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(a.config, a.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    _quiet(cfg.logging.verbose)
     try:
         recipe = AsymRERecipe(cfg)
         recipe.setup()  # every input a user wrote is checked here, before any model loads

@@ -81,3 +81,21 @@ def test_asymre_show_prints_the_latest_steps_completions(tmp_path, capsys):
     assert "reward 1.00 (numeric=1.00) advantage +0.60" in out and "completion: '8'" in out and "'7'" not in out
     assert main(["show", str(tmp_path), "--step", "1", "-n", "1"]) == 0 and "completion: '7'" in capsys.readouterr().out
     assert main(["show", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.slow
+def test_default_run_output_fits_on_one_screen(tmp_path):
+    """The CPU default with its vLLM engine, at default verbosity: asymre's own lines and the progress bar, not
+    the libraries' start-up chatter (vLLM alone printed about 40 lines before logging.verbose existed)."""
+    import subprocess
+    import sys
+
+    from tests.recipe_utils import ROOT
+
+    r = subprocess.run([sys.executable, "recipes/asymre.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml",
+                        "learner.steps=1", "task.eval_size=4", "checkpoint.save_final_model=false", f"logging.run_dir={tmp_path / 'run'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if x.strip() and "it/s]" not in x and "s/it]" not in x]
+    assert any(x.startswith("held-out accuracy") for x in lines)
+    assert len(lines) <= 12, "\n".join(lines)
