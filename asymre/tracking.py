@@ -1,5 +1,7 @@
 """Metrics out: every metric goes to `metrics.jsonl` in the run folder (never wandb alone), and to wandb
-when `logging.report_to` names it (offline mode, said once, when no API key is set)."""
+when `logging.report_to` names it: online when wandb finds credentials (WANDB_API_KEY, `wandb login`'s
+netrc or settings), offline (said once) when it finds none, and as `WANDB_MODE` says when the user set it.
+A resumed run continues the same wandb run: its id is kept in `RUN_DIR/wandb/asymre_run_id`."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,33 @@ from typing import Any
 log = logging.getLogger("asymre")
 
 
+def wandb_mode(wandb) -> str:
+    """'online' or 'offline': what the user set in WANDB_MODE, else online exactly when wandb finds credentials
+    (the environment, `wandb login`'s netrc or settings; read locally, no network call)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        return "online" if wandb.api.api_key else "offline"
+    except Exception:  # noqa: BLE001 - a wandb without this API: be safe, stay local
+        return "offline"
+
+
+def wandb_run_id(run_dir: str | Path, resume: bool) -> str:
+    """The wandb run id of this run folder: the saved one when the run resumes, else a new one (saved)."""
+    path = Path(run_dir) / "wandb" / "asymre_run_id"
+    if resume and path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # 8 lowercase characters, as wandb's own ids
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id)
+    return run_id
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, report_to: list[str], config: dict[str, Any] | None = None, project: str = "asymre",
-                 run_name: str = "asymre", tags: list[str] | None = None, enabled: bool = True):
+                 run_name: str = "asymre", tags: list[str] | None = None, enabled: bool = True, resume: bool = False):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
@@ -29,10 +56,13 @@ class MetricsLogger:
         if "wandb" in report_to:
             import wandb
 
-            if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in ("online", "disabled"):
-                os.environ["WANDB_MODE"] = "offline"
-                log.warning("wandb: no WANDB_API_KEY set, logging offline to %s (sync later with `wandb sync`)", Path(run_dir) / "wandb")
-            self.wandb = wandb.init(project=project, name=run_name, tags=tags or [], config=config, dir=str(run_dir))
+            mode = wandb_mode(wandb)
+            if mode == "offline" and "WANDB_MODE" not in os.environ:
+                log.warning("wandb: no credentials found (WANDB_API_KEY, `wandb login`), logging offline to %s "
+                            "(sync later with `wandb sync`)", Path(run_dir) / "wandb")
+            resume_kw = {"resume": "allow"} if mode == "online" else {}  # offline runs sync into the same id later
+            self.wandb = wandb.init(project=project, name=run_name, tags=tags or [], config=config, dir=str(run_dir),
+                                    mode=mode, id=wandb_run_id(run_dir, resume), **resume_kw)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:

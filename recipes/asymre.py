@@ -78,7 +78,7 @@ class AsymRERecipe:
         self.prompts = PromptStream(train, cfg.task.seed, shard, shards)
         self.resume_from = self._open_run_dir()
         self.metrics = MetricsLogger(self.run_dir, list(cfg.logging.report_to), to_dict(cfg), cfg.logging.project,
-                                     cfg.logging.run_name, list(cfg.logging.tags), enabled=self.main)
+                                     cfg.logging.run_name, list(cfg.logging.tags), enabled=self.main, resume=self.resume_from is not None)
 
         self.model_path = resolve_model(cfg.model.name, cfg.model.cache_dir) if self.main else None
         self.model_path = broadcast_object_list([self.model_path])[0] if acc.num_processes > 1 else self.model_path
@@ -333,7 +333,9 @@ class AsymRERecipe:
             m.update(self.buffer.stats(self.learner.step))
             m["rollout/staleness_mean"] = sum(staleness) / len(staleness)
             m["rollout/staleness_max"] = float(max(staleness))
-            m["rollout/completion_len"] = _mean([len(t.completion_ids) for g in groups for t in g.trajectories])
+            lengths = [len(t.completion_ids) for g in groups for t in g.trajectories]
+            m["rollout/completion_len"] = _mean(lengths)
+            m["rollout/completion_len_min"], m["rollout/completion_len_max"] = float(min(lengths)), float(max(lengths))
             m["rollout/stop_frac"] = _mean([t.finish_reason == "stop" for g in groups for t in g.trajectories])
             m.update(self.monitor.update(m, groups))
             m["perf/step_seconds"] = time.perf_counter() - t0

@@ -24,9 +24,50 @@ def test_metrics_jsonl_is_always_written(tmp_path):
     assert rows[0]["step"] == 3 and rows[0]["reward/mean"] == 0.5 and rows[0]["loss/value"] is None
 
 
+def _home(tmp_path, monkeypatch, netrc: bool):
+    """A HOME with (or without) the netrc `wandb login` writes, and no other wandb credentials."""
+    home = tmp_path / ("home_netrc" if netrc else "home_empty")
+    home.mkdir()
+    if netrc:
+        (home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+        (home / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_wandb_goes_online_with_wandb_login_credentials(tmp_path, monkeypatch):
+    """A user who ran `wandb login` (key in ~/.netrc) logs online without WANDB_API_KEY; with no credentials,
+    offline; an explicit WANDB_MODE wins. The decision only: nothing is sent anywhere."""
+    import wandb
+
+    from asymre.tracking import wandb_mode
+
+    _home(tmp_path, monkeypatch, netrc=True)
+    assert wandb_mode(wandb) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(wandb) == "disabled"
+    _home(tmp_path, monkeypatch, netrc=False)
+    assert wandb_mode(wandb) == "offline"
+
+
+@pytest.mark.slow
+def test_wandb_resume_continues_the_same_run(tmp_path, monkeypatch):
+    _home(tmp_path, monkeypatch, netrc=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = MetricsLogger(tmp_path / "run", ["wandb"], project="p", run_name="r")
+    first_id = first.wandb.id
+    first.close()
+    again = MetricsLogger(tmp_path / "run", ["wandb"], project="p", run_name="r", resume=True)
+    assert again.wandb.id == first_id
+    again.close()
+    other = MetricsLogger(tmp_path / "other", ["wandb"], project="p", run_name="r", resume=True)  # nothing to resume: new
+    assert other.wandb.id != first_id
+    other.close()
+
+
 def test_wandb_offline_without_key_said_once(tmp_path, monkeypatch, caplog):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+    _home(tmp_path, monkeypatch, netrc=False)
     with caplog.at_level(logging.WARNING, logger="asymre"):
         ml = MetricsLogger(tmp_path, ["wandb"], {"loss": {"delta_v": -0.1}}, project="p", run_name="r", tags=["t"])
         ml.log({"reward/mean": 1.0}, step=1)

@@ -109,6 +109,7 @@ def test_recipe_runs_end_to_end(path, own, tmp_path, vllm_engine, monkeypatch):
     assert len(evals) == 2 and all(r["eval/dropped"] == 0 for r in evals)  # the recipe's reward scores its eval set
     assert {"eval/pass@1_start", "eval/pass@1_end"} <= set(summary)
     assert all(f"reward/{spec}_mean" in r for spec in cfg.reward.funcs for r in steps)
+    assert all(r["rollout/completion_len_min"] <= r["rollout/completion_len"] <= r["rollout/completion_len_max"] for r in steps)
     assert (tmp_path / "run" / "final_model" / "config.json").is_file()
     rows = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in rows}) == [1, 2] and len(rows) == 2 * cfg.learner.groups_per_step * cfg.rollout.group_size

@@ -90,6 +90,23 @@ def test_hanging_reward_times_out_and_is_counted():
     scorer.close()
 
 
+def plus_minus_inf(prompts, completions, **kw):
+    return [float("inf"), float("-inf"), 1.0]
+
+
+def test_infinite_rewards_are_dropped_and_counted():
+    """An inf would make the baseline and every advantage of its group inf: dropped like NaN."""
+    groups = _groups(["5", "6", "7"])
+    m = RewardScorer(["tests.test_rewards:plus_minus_inf"]).score(groups)
+    assert groups[0].rewards == [None, None, 1.0] and m["reward/dropped_tests.test_rewards:plus_minus_inf:none_or_nan"] == 2
+
+
+def test_reward_std_over_scored_samples():
+    groups = _groups(["5", "6", "5", "7"])
+    m = RewardScorer(["numeric"]).score(groups)
+    assert m["reward/mean"] == 0.5 and m["reward/std"] == pytest.approx(0.5)
+
+
 def test_nan_and_none_samples_are_dropped_and_counted():
     groups = _groups(["5", "6", "7"])
     m = RewardScorer(["tests.test_rewards:nan_and_none"]).score(groups)

@@ -290,7 +290,9 @@ class RewardScorer:
         scored = [r for r in totals if r is not None]
         if not scored:
             raise RewardError(f"every sample of this step failed reward scoring: {dict(reasons)} (reward functions {self.specs})")
-        metrics.update({"reward/mean": sum(scored) / len(scored), "reward/dropped": float(len(flat) - len(scored))})
+        mean = sum(scored) / len(scored)
+        metrics.update({"reward/mean": mean, "reward/std": math.sqrt(sum((r - mean) ** 2 for r in scored) / len(scored)),
+                        "reward/dropped": float(len(flat) - len(scored))})
         metrics.update({f"reward/dropped_{k}": float(v) for k, v in reasons.items()})
         metrics.update({f"reward/custom/{k}": sum(v) / len(v) for k, v in logged.items() if v})
         return metrics
