@@ -2,6 +2,7 @@
 
     asymre plot RUN_DIR [--out FILE]
     asymre show RUN_DIR [--step N] [-n K]
+    asymre export CHECKPOINT OUT [--behaviour] [--push-to-hub REPO]
     asymre eval --config CONFIG [--model PATH_OR_NAME] [key=value ...]
     asymre bandit [--out DIR]
 """
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("run_dir")
     ps.add_argument("--step", type=int, default=None, help="learner step (default: the latest logged)")
     ps.add_argument("-n", type=int, default=8, help="samples to print")
+    px = sub.add_parser("export", help="a checkpoint -> a Hugging Face model folder (transformers, vLLM, asymre eval --model)")
+    px.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N")
+    px.add_argument("out", help="output folder (new or empty)")
+    px.add_argument("--behaviour", action="store_true", help="export the engine's behaviour weights kept in the checkpoint")
+    px.add_argument("--push-to-hub", default=None, metavar="REPO", help="then upload the folder to this hub repo")
     pb = sub.add_parser("bandit", help="reproduce the paper's bandit figures")
     pb.add_argument("--out", default="runs/bandit")
     a = p.parse_args(argv)
@@ -85,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         from asymre.plot import plot_run
 
         print(plot_run(a.run_dir, a.out))
+        return 0
+    if a.cmd == "export":
+        from asymre.export import ExportError, export_checkpoint, push_to_hub
+
+        try:
+            out = export_checkpoint(a.checkpoint, a.out, a.behaviour)
+        except ExportError as e:
+            print(f"{e.label}: {e}", file=sys.stderr)
+            return 2
+        if a.push_to_hub:
+            push_to_hub(out, a.push_to_hub)
+        print(out)
         return 0
     if a.cmd == "show":
         try:

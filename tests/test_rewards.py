@@ -155,3 +155,13 @@ def test_builtins_accept_trl_conversational_completions():
     conv = [[{"role": "assistant", "content": "2 + 3 = 5"}], [{"role": "assistant", "content": "6"}]]
     assert numeric(["", ""], conv, answer=["5", "5"]) == [1.0, 0.0]
     assert first_number(["", ""], conv, answer=["5", "6"]) == [0.0, 1.0]
+
+
+def test_reward_module_in_the_launch_folder_needs_no_pythonpath(tmp_path, monkeypatch):
+    """`reward.funcs=[my_rewards:fn]` finds my_rewards.py in the folder the run was launched from."""
+    import sys
+
+    (tmp_path / "asymre_test_local_rewards.py").write_text("def fn(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert resolve_reward("asymre_test_local_rewards:fn")([""], ["x"]) == [1.0]

@@ -124,12 +124,31 @@ def _train(run_dir, *extra):
 
 
 @pytest.mark.slow
-def test_second_run_refused_overwrite_starts_clean_resume_checks_the_maths(tmp_path):
+def test_second_run_refused_overwrite_starts_clean_resume_checks_the_maths(tmp_path, model_path):
     run = tmp_path / "run"
     first = _train(run, "checkpoint.save_final_checkpoint=true")
     assert first.returncode == 0, first.stderr[-2000:]
     before = _digest(run)
     assert "checkpoints/step-000001/trainer_state.json" in before and "metrics.jsonl" in before
+
+    # the checkpoint exports to a Hugging Face folder with the learner's weights, which transformers loads
+    out = tmp_path / "exported"
+    ex = subprocess.run([sys.executable, "-m", "asymre.cli", "export", str(run / "checkpoints" / "step-000001"), str(out)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ex.returncode == 0, ex.stderr[-2000:]
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    trained = load_file(str(run / "checkpoints" / "step-000001" / "accelerate" / "model.safetensors"))
+    exported = dict(AutoModelForCausalLM.from_pretrained(out).state_dict())
+    assert trained and all(exported[k].equal(v) for k, v in trained.items())
+    base = dict(AutoModelForCausalLM.from_pretrained(model_path).state_dict())
+    assert any(not base[k].equal(v) for k, v in trained.items())  # the learner's step, not the base model
+    assert json.loads((out / "asymre_export.json").read_text())["learner_step"] == 1
+    again = subprocess.run([sys.executable, "-m", "asymre.cli", "export", str(run / "checkpoints" / "step-000001"), str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "export error: " in again.stderr and "not empty" in again.stderr
+    assert _digest(run) == before  # exporting reads the checkpoint only
 
     second = _train(run)
     said = (f"run folder error: run folder {run} already holds a run (metrics.jsonl, 1 checkpoint(s)): continue it with "
@@ -173,3 +192,17 @@ def test_final_model_keeps_the_models_own_dtype(tmp_path, model_path):
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
     assert json.loads((tmp_path / "final_model" / "config.json").read_text())["dtype"] == "bfloat16"
     assert learner.weight_bytes(learner.save_dtype) * 2 == learner.weight_bytes()
+
+
+def test_export_refuses_what_it_cannot_export(tmp_path):
+    from asymre.export import ExportError, export_checkpoint
+
+    with pytest.raises(ExportError, match="not a complete asymre checkpoint"):
+        export_checkpoint(tmp_path / "nothing", tmp_path / "out")
+    run = tmp_path / "run"
+    _fake_run(run, _config())
+    ck = run / "checkpoints" / "step-000001"
+    with pytest.raises(ExportError, match="no behaviour weights"):
+        export_checkpoint(ck, tmp_path / "out", behaviour=True)
+    with pytest.raises(ExportError, match=r"no accelerate/model.safetensors \(a sharded FSDP/DeepSpeed state\?"):
+        export_checkpoint(ck, tmp_path / "out")

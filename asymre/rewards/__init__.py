@@ -28,6 +28,8 @@ import inspect
 import logging
 import math
 import numbers
+import os
+import sys
 import threading
 import time
 import traceback
@@ -66,6 +68,9 @@ def resolve_reward(spec: str) -> RewardFn:
     if ":" not in spec:
         raise RewardError(f"reward {spec!r}: not a built-in ({', '.join(sorted(REGISTRY))}) and not a dotted path 'pkg.module:function'")
     module, _, attr = spec.partition(":")
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:  # `my_rewards:fn` next to where the user launched, as `python -c` would
+        sys.path.append(here)
     try:
         mod = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module
