@@ -127,3 +127,82 @@ def test_grpo_without_behaviour_logprobs_is_an_error(tiny_model_path):
     groups[1].trajectories[0].logprobs = None
     with pytest.raises(ValueError, match="behaviour log-probs"):
         learner.build_batch(groups)
+
+
+# ---- the learner's targets and its step's gradient, written out by hand (mutations: delta_V sign, one group
+# ---- for the whole step, no normaliser in train_step) ------------------------------------------------------
+
+def _hand_groups():
+    """Three groups of different sizes; group 1 is a singleton, group 2 has a dropped (unscored) sample."""
+    spec = [(["p0", [3, 4, 5]], [([6, 7], 1.0), ([8], 0.0), ([9, 10, 11], 1.0)]),
+            (["p1", [12, 13]], [([14, 15], 0.5)]),
+            (["p2", [16, 17, 18, 19]], [([20], 0.0), ([21, 22], 1.0), ([23], None), ([24, 25, 26], 0.0)])]
+    return [TrajectoryGroup(Prompt(uid, [{"role": "user", "content": "q"}]),
+                            [Trajectory(list(pid), comp, "", "stop", 0, reward=r) for comp, r in trajs], 0)
+            for (uid, pid), trajs in spec]
+
+
+def _expected_targets(groups, baseline: str, dv: float, constant: float = 0.3) -> list[float]:
+    out = []
+    for g in groups:
+        rs = [t.reward for t in g.trajectories if t.reward is not None]
+        for i, r in enumerate(rs):
+            others = rs[:i] + rs[i + 1:]
+            v_hat = {"group_mean": sum(rs) / len(rs), "constant": constant,
+                     "leave_one_out": sum(others) / len(others) if others else r}[baseline]
+            out.append(v_hat + dv)
+    return out
+
+
+@pytest.mark.parametrize("baseline", ["group_mean", "leave_one_out", "constant"])
+@pytest.mark.parametrize("dv", [-0.1, 0.2])
+def test_step_targets_written_out_by_hand(tiny_model_path, baseline, dv):
+    """V per sample = the baseline of its own group (never the whole step's) + delta_V with its sign."""
+    learner = _learner(tiny_model_path, **{"loss.baseline": baseline, "loss.delta_v": dv, "loss.constant_v": 0.3})
+    groups = _hand_groups()
+    batch = learner.build_batch(groups)
+    assert batch.refs == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 1), (2, 3)]
+    assert batch.rewards.tolist() == [1.0, 0.0, 1.0, 0.5, 0.0, 1.0, 0.0]
+    assert batch.targets.tolist() == pytest.approx(_expected_targets(groups, baseline, dv))
+    assert batch.advantages.tolist() == pytest.approx([r - v for r, v in zip(batch.rewards.tolist(), _expected_targets(groups, baseline, dv))])
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean"])
+def test_train_step_gradient_is_the_whole_batch_loss_gradient(tiny_model_path, aggregation):
+    """One train_step over several micro-batches must apply the gradient of
+    -(1/N) sum_i (r_i - V_i) sum_t log pi(y_it), N = samples (seq_mean) or completion tokens (token_mean),
+    computed here from one plain forward per sequence."""
+    groups = _hand_groups()
+    learner = _learner(tiny_model_path, **{"loss.aggregation": aggregation, "learner.micro_batch_tokens": 8})
+    captured = {}
+    real_step = learner.optimizer.step
+
+    def capture(*a, **k):
+        captured["grads"] = [p.grad.detach().clone() for p in learner.model.parameters()]
+        return real_step(*a, **k)
+
+    learner.optimizer.step = capture
+    learner.pad_id = 0
+    metrics = learner.train_step(groups)
+    assert metrics["learner/micro_batches"] > 2  # the budget really splits the step
+
+    ref = _learner(tiny_model_path, **{"loss.aggregation": aggregation})  # the same initial weights
+    scored = [t for g in groups for t in g.trajectories if t.reward is not None]
+    targets = _expected_targets(groups, "group_mean", -0.1)
+    total = torch.zeros(())
+    for t, v in zip(scored, targets):
+        seq = torch.tensor([t.prompt_ids + t.completion_ids])
+        logp = token_logprobs(ref.model(input_ids=seq).logits[:, :-1], seq[:, 1:])[0, -len(t.completion_ids):]
+        total = total - (t.reward - v) * logp.sum()
+    n = len(scored) if aggregation == "seq_mean" else sum(len(t.completion_ids) for t in scored)
+    (total / n).backward()
+    want = [p.grad for p in ref.model.parameters()]
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(captured["grads"], want))
+
+
+def test_weight_push_is_due_every_interval_steps():
+    from asymre.sync import WeightSync
+
+    sync = WeightSync(interval=3, method="inprocess", timeout_s=1.0, folder="/tmp/unused")
+    assert [s for s in range(0, 10) if sync.due(s)] == [3, 6, 9]
+    assert [s for s in range(0, 4) if WeightSync(1, "inprocess", 1.0, "/tmp/unused").due(s)] == [1, 2, 3]
