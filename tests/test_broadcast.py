@@ -16,7 +16,6 @@ from asymre.tasks import build_task
 from tests.net import is_loopback, listening_tcp, process_tree
 from tests.recipe_utils import worker_pool
 
-pytestmark = pytest.mark.slow
 
 
 
@@ -67,6 +66,7 @@ def test_receive_keeps_only_tensors_a_later_name_aliases():
     assert values == {"embed": [1.0] * 4, "norm": [2.0] * 2, "lm_head": [1.0] * 4}
 
 
+@pytest.mark.slow
 def test_broadcast_on_gpu_needs_separate_worker_gpus(model_path, monkeypatch):
     import asymre.rollout.worker as worker_mod
 
@@ -86,6 +86,7 @@ def test_config_refuses_broadcast_where_it_cannot_reach():
         load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", ["sync.method=inprocess", "rollout.mode=async"])
 
 
+@pytest.mark.slow
 def test_broadcast_reaches_the_vllm_engine_in_a_worker_process(model_path):
     """The worker's engine must score its own samples exactly as the pushed weights do (and not as the
     original model does): if the stream were misnamed, reordered or dropped, the log-probs would differ."""
@@ -128,6 +129,7 @@ def test_broadcast_reaches_the_vllm_engine_in_a_worker_process(model_path):
     assert max((torch.tensor(t.logprobs) - teacher_forced(original, t)).abs().max().item() for t in trajs) > 0.05
 
 
+@pytest.mark.slow
 def test_restarted_worker_gets_the_broadcast_weights_again(model_path, monkeypatch):
     """A worker that dies after a push comes back with the pushed weights (its samples carry that version)."""
     monkeypatch.setenv("ASYMRE_FAKE_GEN_SLEEP", "0.1")
@@ -150,6 +152,7 @@ def test_restarted_worker_gets_the_broadcast_weights_again(model_path, monkeypat
         pool.close()
 
 
+@pytest.mark.slow
 def test_broadcast_to_a_worker_that_never_loads_fails_with_its_name(model_path):
     pool = worker_pool(model_path, "tests.fakes:HangingGenerator", worker_timeout_s=60)
     try:

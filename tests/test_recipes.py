@@ -13,7 +13,6 @@ import pytest
 from asymre.config import load_config
 from tests.recipe_utils import ROOT, lend_engine, load_recipe_module
 
-pytestmark = pytest.mark.slow
 DATA = ROOT / "tests" / "data"
 
 # What a CPU machine cannot run as shipped: the 3B/8B hub models in bf16, GPU placement and memory.
@@ -85,6 +84,7 @@ def test_every_example_script_is_run_here():
     assert {str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.py") if p.name != "__init__.py"} == set(EXAMPLE_RUNS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path, own", _runs(), ids=[p for p in CONFIGS] + list(EXAMPLE_RUNS))
 def test_recipe_runs_end_to_end(path, own, tmp_path, vllm_engine, monkeypatch):
     cfg = load_config(ROOT / path, own + HARDWARE + CPU_SCALE + _data_overrides(path) + [f"logging.run_dir={tmp_path / 'run'}"])
@@ -137,6 +137,7 @@ def test_recipe_runs_end_to_end(path, own, tmp_path, vllm_engine, monkeypatch):
             assert g.trajectories[0].prompt_ids == list(want)[-cfg.rollout.max_prompt_tokens:]
 
 
+@pytest.mark.slow
 def test_asymre_eval_with_the_paper_preset_on_math(vllm_engine, monkeypatch, capsys):
     """`asymre eval` on the Qwen MATH recipe: the paper's evaluation sampling (T = 0.1, top-p 0.95) on
     MATH-500-format rows, scored by math_verify with no sample dropped."""
