@@ -33,7 +33,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, behaviour: bool =
         raise ExportError(f"{ck}: not a complete asymre checkpoint (no {COMPLETE} marker or trainer_state.json)")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: the output folder exists and is not empty")
-    config = json.loads((ck / "trainer_state.json").read_text())["config"]
+    trainer_state = json.loads((ck / "trainer_state.json").read_text())
+    config = trainer_state["config"]
     weights_file = ck / ("behaviour" if behaviour else "accelerate") / "model.safetensors"
     if not weights_file.is_file():
         if behaviour:
@@ -54,9 +55,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, behaviour: bool =
         model.tie_weights()
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(path).save_pretrained(out)
-    (out / "asymre_export.json").write_text(json.dumps({"checkpoint": str(ck.resolve()), "weights": "behaviour" if behaviour
-                                                        else "learner", "learner_step": json.loads((ck / "trainer_state.json")
-                                                        .read_text())["learner_step"], "model": config["model"]["name"]}, indent=1))
+    source = {"checkpoint": str(ck.resolve()), "weights": "behaviour" if behaviour else "learner",
+              "learner_step": trainer_state["learner_step"], "model": config["model"]["name"]}
+    (out / "asymre_export.json").write_text(json.dumps(source, indent=1))
     return out
 
 

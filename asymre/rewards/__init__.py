@@ -157,7 +157,7 @@ class RewardScorer:
         self._logged: set[tuple[str, int]] = set()  # (function, step) pairs whose failure was logged
 
     # ------------------------------------------------------------------------------------ one call
-    def _kwargs(self, flat, step: int, idx: list[int], extras: list[dict], logged: dict) -> dict[str, Any]:
+    def _kwargs(self, flat, step: int, idx: list[int], logged: dict) -> dict[str, Any]:
         """TRL's keyword arguments for the samples `idx` of `flat` (list of (group, trajectory))."""
         sel = [flat[j] for j in idx]
         conv = [g.prompt.conversational for g, _ in sel]
@@ -167,7 +167,7 @@ class RewardScorer:
 
         def log_extra(column: str, values: list) -> None:
             for j, v in zip(idx, values):  # kept JSON-safe: trajectories travel to checkpoints and across processes
-                extras[j][column] = v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+                flat[j][1].extras[column] = v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
 
         def log_metric(name: str, value: float) -> None:
             logged[name].append(float(value))
@@ -176,11 +176,11 @@ class RewardScorer:
                 **{k: [g.prompt.columns.get(k) for g, _ in sel] for k in keys},
                 "trainer_state": TrainerState(step, self.max_steps), "log_extra": log_extra, "log_metric": log_metric}
 
-    def _per_sample(self, i: int, flat, step: int, extras: list[dict], logged: dict, batch_error: BaseException) -> _Outcome:
+    def _per_sample(self, i: int, flat, step: int, logged: dict, batch_error: BaseException) -> _Outcome:
         """Function i raised on the batch: call it once per sample (within reward.timeout_s) so that only the
         samples that raise are lost, and say which one raised first."""
         fn, n = self.funcs[i], len(flat)
-        calls = [(fn, self._kwargs(flat, step, [j], extras, logged)) for j in range(n)]
+        calls = [(fn, self._kwargs(flat, step, [j], logged)) for j in range(n)]
         run = _run_async(calls, self.timeout_s) if _is_async(fn) else _run_sync(calls)
         results = _join(*_start(run, f"reward:{self.specs[i]}:per-sample"), self.timeout_s + 1.0, n)
         out = _Outcome([None] * n)
@@ -206,11 +206,11 @@ class RewardScorer:
             out.problem = f"raised on the batch of {n} but on no sample alone (kept the per-sample values):\n{_format(batch_error, None)}"
         return out
 
-    def _outcomes(self, flat, step: int, extras: list[dict], logged: dict) -> list[_Outcome]:
+    def _outcomes(self, flat, step: int, logged: dict) -> list[_Outcome]:
         """Every function over the whole batch: async ones concurrently on one event loop while the sync ones
         run one after another, each on its own thread under reward.timeout_s."""
         n, every = len(flat), list(range(len(flat)))
-        calls = [(fn, self._kwargs(flat, step, every, extras, logged)) for fn in self.funcs]
+        calls = [(fn, self._kwargs(flat, step, every, logged)) for fn in self.funcs]
         is_async = [_is_async(fn) for fn in self.funcs]
         t0 = time.monotonic()
         async_calls = [c for c, a in zip(calls, is_async) if a]
@@ -229,7 +229,7 @@ class RewardScorer:
                 out.append(_Outcome([None] * n, Counter(timeout=n), f"timed out after reward.timeout_s={self.timeout_s}s on {n} samples"))
             elif isinstance(r, BaseException):
                 out.append(_Outcome([None], Counter(raised=1), _format(r, 0)) if n == 1 else
-                           self._per_sample(i, flat, step, extras, logged, r))
+                           self._per_sample(i, flat, step, logged, r))
             else:
                 out.append(self._check(r, n))
         return out
@@ -269,11 +269,10 @@ class RewardScorer:
         if not flat:
             return {}
         totals: list[float | None] = [None] * len(flat)
-        extras: list[dict] = [t.extras for _, t in flat]
         logged: dict[str, list[float]] = defaultdict(list)
         reasons: Counter[str] = Counter()
         metrics: dict[str, float] = {}
-        for i, (spec, outcome) in enumerate(zip(self.specs, self._outcomes(flat, step, extras, logged))):
+        for i, (spec, outcome) in enumerate(zip(self.specs, self._outcomes(flat, step, logged))):
             for why, count in outcome.reasons.items():
                 if count:
                     reasons[f"{spec}:{why}"] += count

@@ -28,20 +28,34 @@ class DataError(InputError):
 
 def _check_file(p: Path) -> None:
     """An empty file, or a JSON Lines file with a line that is not JSON, named with its line, before `datasets`
-    reads it (its own errors name neither)."""
-    if p.stat().st_size == 0 or not p.read_text(errors="replace").strip():
-        raise DataError(f"{p}: empty file (no rows)")
-    if p.suffix.lower() == ".jsonl":
-        with p.open(errors="replace") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{p}, line {n}: a row must be a JSON object, got {type(row).__name__}")
+    reads it (its own errors name neither). One pass over a JSON Lines file."""
+    empty = DataError(f"{p}: empty file (no rows)")
+    if p.stat().st_size == 0:
+        raise empty
+    if p.suffix.lower() == ".parquet":
+        return
+    if p.suffix.lower() != ".jsonl":
+        if not p.read_text(errors="replace").strip():
+            raise empty
+        return
+    rows = 0
+    with p.open(errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p}, line {n}: a row must be a JSON object, got {type(row).__name__}")
+            rows += 1
+    if not rows:
+        raise empty
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _looks_like_a_path(path: str) -> bool:
@@ -67,7 +81,7 @@ def load_rows(path: str, split: str, subset: str | None = None) -> tuple[list[di
         try:
             ds = load_dataset(builder, data_files={split: str(p)}, split=split)
         except Exception as e:  # noqa: BLE001 - a file datasets cannot read: say which, in one line
-            raise DataError(f"{p}: cannot be read as {builder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            raise DataError(f"{p}: cannot be read as {builder}: {_first_line(e)}") from e
         finally:
             if shown:
                 datasets.enable_progress_bars()
@@ -82,9 +96,8 @@ def load_rows(path: str, split: str, subset: str | None = None) -> tuple[list[di
     try:
         ds = load_dataset(path, subset, split=split)
     except Exception as e:  # noqa: BLE001 - the hub (or its cache) could not give it: one line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{path}: not a local file or folder, and the hub dataset could not be loaded (this machine may "
-                        f"have no hub access; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {first}") from None
+                        f"have no hub access; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {_first_line(e)}") from None
     return [dict(r) for r in ds], f"{path}[{split}]"
 
 
