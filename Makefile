@@ -10,7 +10,7 @@ CONFIG  ?= recipes/configs/smollm2_arithmetic_cpu.yaml
 ACCEL   ?= recipes/accelerate/cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast train bench bench-trl bandit clean-venv
+.PHONY: install test test-fast train bench bench-trl bandit docs clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench-trl: install
 
 bandit: install
 	$(BIN)/python -m asymre.bandit --out runs/bandit
+
+# docs/config.md from the config tree's own defaults and help (tests/test_config_docs.py checks it is
+# current). Phony: a folder named docs exists. Written via a temporary file so a failure leaves the old one.
+docs: install
+	$(BIN)/python -m asymre.config > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,10 +8,13 @@ does not nest. Every field has a default (the paper's, where it has one) and a o
 from __future__ import annotations
 
 import dataclasses
+import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -321,14 +324,97 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, default, help with the valid range) for every leaf field: for docs and `--help`."""
-    rows: list[tuple[str, Any, str]] = []
+class ConfigKey(NamedTuple):
+    """One leaf of the config tree, as `describe` lists it."""
+
+    key: str  # dotted, e.g. "learner.lr"
+    default: Any
+    help: str
+    valid: str | None  # allowed interval in interval notation, e.g. "(0, inf)", or None
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[ConfigKey]:
+    """Every leaf key of the config tree, in declaration order, nested sections walked: the one source of
+    `--help` (`help_text`) and docs/config.md (`markdown`). A field declared without a help string is a
+    programming error and raises, so neither listing can silently carry an empty line."""
+    rows: list[ConfigKey] = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if dataclasses.is_dataclass(default):
             rows += describe(type(default), f"{prefix}{f.name}.")
-        else:
-            valid = f.metadata.get("valid")
-            rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "") + (f" Valid: {_say(valid).removeprefix('in ')}." if valid else "")))
+            continue
+        help_ = f.metadata.get("help", "").strip()
+        if not help_:
+            raise TypeError(f"config field {prefix}{f.name} has no help string: declare it with _f(default, help)")
+        rows.append(ConfigKey(f"{prefix}{f.name}", default, help_, f.metadata.get("valid")))
     return rows
+
+
+def yaml_value(value: Any) -> str:
+    """A default as YAML writes it, on one line: null, true/false, '01', 6.0e-08, [0.9, 0.999], {}."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, sort_keys=False).strip()
+    return text.removesuffix("...").strip()  # a bare scalar document ends with "..."
+
+
+def _sections(rows: list[ConfigKey]) -> dict[str, list[ConfigKey]]:
+    """Rows grouped by their first key part, in order of first appearance; top-level keys under ""."""
+    groups: dict[str, list[ConfigKey]] = {}
+    for row in rows:
+        section = row.key.split(".")[0] if "." in row.key else ""
+        groups.setdefault(section, []).append(row)
+    return groups
+
+
+def help_text(width: int = 120) -> str:
+    """Every config key with its default, help and valid range, grouped by section: the training
+    command's `--help` epilog (use argparse.RawDescriptionHelpFormatter, which keeps these lines)."""
+    rows = describe()
+    lefts = {r.key: f"  {r.key} = {yaml_value(r.default)}" for r in rows}
+    column = min(max(len(s) for s in lefts.values()), 44) + 2  # help starts here; longer key = default lines wrap
+    lines = ["Config keys (set them in the --config YAML file or as key=value overrides), with their defaults:"]
+    for section, group in _sections(rows).items():
+        lines += ["", f"{section or 'top level'}:"]
+        for r in group:
+            valid = f" [valid: {r.valid}]".replace(" ", "\xa0") if r.valid else ""  # kept on one line by textwrap
+            left = lefts[r.key]
+            if len(left) >= column - 1:  # a long default: help goes under it
+                lines.append(left)
+                left = ""
+            wrapped = textwrap.fill(r.help + valid, width=width, initial_indent=left.ljust(column),
+                                    subsequent_indent=" " * column, break_long_words=False, break_on_hyphens=False)
+            lines += wrapped.replace("\xa0", " ").split("\n")
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    fence = "``" if "`" in text else "`"
+    pad = " " if fence == "``" else ""
+    return f"{fence}{pad}{_cell(text)}{pad}{fence}"
+
+
+def markdown() -> str:
+    """docs/config.md: one table per section of every key, its default, valid range and help."""
+    out = [
+        "# Config reference",
+        "",
+        ("Generated from `asymre/config.py` by `make docs` (`python -m asymre.config > docs/config.md`); do not edit it "
+         "by hand: a test fails when it is out of date."),
+        "",
+        ("Set a key in the YAML file passed with `--config`, or on the command line as a dotted override "
+         "(`learner.lr=1.0e-5`). Defaults are shown as YAML writes them; *valid* is the allowed interval of a number "
+         "(or of each number of a list)."),
+    ]
+    for section, group in _sections(describe()).items():
+        out += ["", f"## {section or 'Top level'}", "", "| key | default | valid | help |", "| --- | --- | --- | --- |"]
+        for r in group:
+            valid = _code(r.valid) if r.valid else ""
+            out.append(f"| `{r.key}` | {_code(yaml_value(r.default))} | {valid} | {_cell(r.help)} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":  # python -m asymre.config > docs/config.md  (make docs)
+    sys.stdout.write(markdown())

@@ -64,7 +64,7 @@ def test_override_without_equals_is_explained():
 def test_every_field_has_help():
     rows = describe(Config)
     assert len(rows) > 50
-    missing = [k for k, _, h in rows if not h]
+    missing = [r.key for r in rows if not r.help]
     assert not missing, f"fields without help: {missing}"
 
 
