@@ -29,6 +29,15 @@ class ReplayBuffer:
         self.rng = random.Random(seed)
         self.counts = Counter()  # added, sampled, evicted_stale, evicted_capacity, evicted_used
 
+    @classmethod
+    def from_config(cls, cfg, ranks: int = 1) -> "ReplayBuffer":
+        """The run's buffer, feeding `ranks` learner ranks (its capacity is checked for them)."""
+        from asymre.config import check_buffer_capacity
+
+        check_buffer_capacity(cfg, ranks)
+        b = cfg.buffer
+        return cls(b.capacity, b.max_staleness, b.sampling, b.max_reuse, cfg.learner.seed)
+
     def __len__(self) -> int:
         return len(self.groups)
 

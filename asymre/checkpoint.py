@@ -17,6 +17,7 @@ and the earlier checkpoints intact.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,34 @@ GiB = 2**30
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (full or failing disk); the earlier checkpoints are intact."""
+
+
+def checkpoint_bytes(weight_bytes: int, with_behaviour: bool) -> int:
+    """Estimated size of one checkpoint: weights and AdamW's two moments (and the behaviour weights)."""
+    return weight_bytes * (4 if with_behaviour else 3)
+
+
+def saves_final_checkpoint(cfg) -> bool:
+    """checkpoint.save_final_checkpoint, or by default: only when the run checkpoints periodically."""
+    ck = cfg.checkpoint
+    return ck.save_final_checkpoint if ck.save_final_checkpoint is not None else ck.every > 0
+
+
+def warn_if_disk_short(cfg, run_dir: str | Path, one_checkpoint: int, final_model: int) -> None:
+    """Say what the run writes (checkpoints of `one_checkpoint` bytes, a final model of `final_model` bytes), and
+    warn when they may not fit on the run folder's disk (an estimate; the exact check runs before each checkpoint)."""
+    log = logging.getLogger("asymre")
+    ck, steps = cfg.checkpoint, cfg.learner.steps
+    count = ((steps - 1) // ck.every if ck.every else 0) + int(saves_final_checkpoint(cfg))  # periodic ones, then the final one
+    need = min(count, ck.keep_last + 1) * one_checkpoint + final_model  # rotation deletes the oldest after writing the new one
+    log.info("this run writes %s%s", f"checkpoints of about {one_checkpoint / GiB:.2f} GiB each ({count} in all, the last "
+             f"{ck.keep_last} kept)" if count else "no checkpoint (checkpoint.every=0; checkpoint.save_final_checkpoint=true "
+             "keeps a final one for resume=auto)", f" and a final model of {final_model / GiB:.2f} GiB" if final_model else "")
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        log.warning("run folder %s: %.2f GiB free, this run may write up to %.2f GiB (checkpoints of about %.2f GiB, "
+                    "checkpoint.keep_last=%d, final model %.2f GiB); a checkpoint that does not fit stops the run "
+                    "with the earlier ones intact", run_dir, free / GiB, need / GiB, one_checkpoint / GiB, ck.keep_last, final_model / GiB)
 
 
 def _state_name(rank: int) -> str:

@@ -20,20 +20,16 @@ def _eval(a) -> int:
     from asymre.evaluate import evaluate
     from asymre.models import check_model_name, resolve_model
     from asymre.rewards import RewardScorer
-    from asymre.rollout import make_generator
+    from asymre.rollout import check_rollout_config, generator_from_config
     from asymre.tasks import build_task
 
     overrides = list(a.overrides) + ([f"model.name={a.model}"] if a.model else [])
     cfg = load_config(a.config, overrides)
-    scorer = RewardScorer(list(cfg.reward.funcs), list(cfg.reward.weights), cfg.reward.timeout_s, cfg.reward.scale,
-                          cfg.learner.steps)
+    scorer = RewardScorer.from_config(cfg)
     _, prompts = build_task(cfg.task)
     check_model_name(cfg.model.name)
-    path = resolve_model(cfg.model.name, cfg.model.cache_dir)
-    ro = cfg.rollout
-    gen = make_generator(ro.backend, path, cfg.model.dtype, ro.seed, ro.max_prompt_tokens + cfg.eval.max_new_tokens,
-                         ro.max_prompt_tokens, ro.gpu_memory_utilization, ro.kv_cache_gb,
-                         chat_template_kwargs=dict(cfg.task.chat_template_kwargs))
+    check_rollout_config(cfg)
+    gen = generator_from_config(cfg, resolve_model(cfg.model.name, cfg.model.cache_dir))
     try:
         res = evaluate(gen, prompts, scorer, cfg.eval.preset, cfg.eval.k, cfg.eval.max_new_tokens, seed=cfg.learner.seed,
                        generation_kwargs=dict(cfg.eval.generation_kwargs))

@@ -251,6 +251,17 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
+def check_buffer_capacity(cfg: "Config", ranks: int = 1) -> None:
+    """The buffer must hold one learner step's groups: learner.groups_per_step for each of the `ranks` learner
+    ranks it feeds (async mode: the main process's buffer feeds every rank; colocated: each rank has its own),
+    and buffer.min_groups. Called at config load (one rank) and when the buffer is built (every rank)."""
+    need = max(cfg.learner.groups_per_step * ranks, cfg.buffer.min_groups)
+    if cfg.buffer.capacity < need:
+        per_rank = f" x {ranks} learner ranks" if ranks > 1 else ""
+        raise ConfigError(f"buffer.capacity={cfg.buffer.capacity} cannot hold one step's {need} groups "
+                          f"(learner.groups_per_step={cfg.learner.groups_per_step}{per_rank}, buffer.min_groups={cfg.buffer.min_groups})")
+
+
 def validate(cfg: Config) -> Config:
     """Checks that types alone cannot express; raises ConfigError naming the key."""
     for key, choices in _CHOICES.items():
@@ -275,9 +286,7 @@ def validate(cfg: Config) -> Config:
     if cfg.buffer.max_staleness < cfg.sync.interval - 1:
         raise ConfigError(f"buffer.max_staleness={cfg.buffer.max_staleness} is below sync.interval - 1 = {cfg.sync.interval - 1}: "
                           "between two weight pushes the engine's groups grow that stale, so the learner would starve")
-    if cfg.buffer.capacity < max(cfg.learner.groups_per_step, cfg.buffer.min_groups):
-        raise ConfigError(f"buffer.capacity={cfg.buffer.capacity} cannot hold one step's groups "
-                          f"(learner.groups_per_step={cfg.learner.groups_per_step}, buffer.min_groups={cfg.buffer.min_groups})")
+    check_buffer_capacity(cfg)
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.funcs):
         raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} entries for {len(cfg.reward.funcs)} reward.funcs")
     if len(cfg.learner.betas) != 2:

@@ -74,7 +74,7 @@ def bucket_by_length(lengths: list[int], token_budget: int) -> list[list[int]]:
 
 
 class Learner:
-    def __init__(self, cfg: Config, model_path: str, accelerator):
+    def __init__(self, cfg: Config, model_path: str, accelerator, tokenizer=None):
         self.cfg = cfg
         self.accelerator = accelerator
         from transformers import AutoConfig
@@ -89,7 +89,10 @@ class Learner:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(lc.lr_schedule, lc.warmup_steps, lc.steps))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        self.pad_id = 0
+        self.tokenizer = tokenizer  # saved with the final model
+        # left padding: any id works (padded positions are masked); the tokenizer's own pad (or EOS) id reads best
+        ids = (tokenizer.pad_token_id, tokenizer.eos_token_id) if tokenizer is not None else ()
+        self.pad_id = next((i for i in ids if i is not None), 0)
         self.running = RunningBaseline(cfg.loss.running_momentum)
         self.step = 0  # learner version: the number of optimiser steps taken
         self.last_batch: StepBatch | None = None  # the last step's samples, targets and advantages (completions log)
@@ -233,7 +236,7 @@ class Learner:
         return sum(getattr(p, "ds_numel", p.numel()) * (dtype.itemsize if dtype else p.element_size())
                    for p in self.unwrapped().parameters())
 
-    def save_model(self, folder: str, tokenizer=None) -> None:
+    def save_model(self, folder: str) -> None:
         """A Hugging Face folder in the model's own dtype (a bf16 model trained in fp32 is saved in bf16)."""
         acc = self.accelerator
         state = acc.get_state_dict(self.model)
@@ -247,6 +250,6 @@ class Learner:
                 trained_in, model.config.dtype = model.config.dtype, dtype
                 model.config.save_pretrained(folder)
                 model.config.dtype = trained_in
-            if tokenizer is not None:
-                tokenizer.save_pretrained(folder)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(folder)
         acc.wait_for_everyone()

@@ -231,45 +231,126 @@ def run_with_timeout(fn, timeout_s: float, what: str):
     return box.get("value")
 
 
-class WeightSync:
-    """Decides when to push and pushes. `targets` expose `load_weights(weights | folder, version)`."""
+def sync_methods(engine) -> tuple[str, ...]:
+    """The push methods an engine accepts (`Generator.sync_methods`; an in-process engine that does not say
+    takes 'inprocess' and 'disk')."""
+    return tuple(getattr(engine, "sync_methods", IN_PROCESS_METHODS))
 
-    def __init__(self, interval: int, method: str = "auto", timeout_s: float = 300.0, folder: str | Path | None = None):
+
+IN_PROCESS_METHODS = ("inprocess", "disk")
+
+
+def torch_cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+class WeightSync:
+    """Decides when to push, picks the method, and owns the transport: the safetensors folder (disk), the
+    per-worker `WeightChannel`s (broadcast), and the latest weights, re-sent to a worker process that was
+    restarted. Engines are `Generator`s (in this process) or `WorkerHandle`s (a worker process, reached
+    through its pool, which only passes messages); each declares the methods it accepts (`sync_methods`)."""
+
+    def __init__(self, interval: int, method: str = "auto", timeout_s: float = 300.0, folder: str | Path | None = None,
+                 channel_host: str = "127.0.0.1"):
         self.interval = interval
         self.method = method
         self.timeout_s = timeout_s
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="asymre-sync-"))
+        self.channel_host = channel_host  # the interface a broadcast channel listens on (sync.channel_host)
+        self.channels: dict[int, WeightChannel] = {}  # worker index -> its open channel (broadcast)
+        self.latest: tuple[str, object, int] | None = None  # (method, folder or state dict, version): for a restarted worker
         self.pushes = 0
+
+    @classmethod
+    def from_config(cls, cfg, run_dir: str | Path) -> "WeightSync":
+        s = cfg.sync
+        return cls(s.interval, s.method, s.timeout_s, Path(run_dir) / "sync", s.channel_host)
 
     def due(self, learner_step: int) -> bool:
         return learner_step > 0 and learner_step % self.interval == 0
 
-    def resolve_method(self, targets: list) -> str:
+    def resolve_method(self, engines: list) -> str:
         if self.method != "auto":
             return self.method
-        return "disk" if any(getattr(t, "remote", False) for t in targets) else "inprocess"
+        return "inprocess" if all("inprocess" in sync_methods(e) for e in engines) else "disk"
 
-    def push(self, state_dict: dict[str, torch.Tensor], version: int, targets: list) -> float:
-        """Push `state_dict` into every target and set their version; returns seconds taken."""
+    def push(self, state_dict: dict[str, torch.Tensor], version: int, engines: list) -> float:
+        """Push `state_dict` into every engine and set their version; returns seconds taken."""
         t0 = time.perf_counter()
-        method = self.resolve_method(targets)
+        method = self.resolve_method(engines)
+        if method not in ("inprocess", "broadcast", "disk"):
+            raise ValueError(f"sync.method={method!r}: expected 'inprocess', 'broadcast' or 'disk'")
+        for i, e in enumerate(engines):
+            if method not in sync_methods(e):
+                if method == "broadcast":
+                    raise ValueError(f"sync.method=broadcast reaches worker processes only; engine {i} "
+                                     f"({type(e).__name__}) takes 'inprocess' (colocated) or 'disk' (remote server)")
+                raise ValueError("sync.method=inprocess cannot reach a worker process or remote server; use 'disk'")
         if method == "disk":
             path = write_weights_folder(state_dict, self.folder / "latest")
-            for i, t in enumerate(targets):
-                run_with_timeout(lambda t=t: t.load_weights(path, version), self.timeout_s, f"engine {i} ({type(t).__name__})")
+            self.latest = ("disk", path, version)
+            for i, e in enumerate(engines):
+                self._watch_restarts(e)
+                run_with_timeout(lambda e=e: e.load_weights(path, version), self.timeout_s, f"engine {i} ({type(e).__name__})")
         elif method == "broadcast":
-            for i, t in enumerate(targets):
-                if not hasattr(t, "broadcast_weights"):
-                    raise ValueError(f"sync.method=broadcast reaches worker processes only; engine {i} "
-                                     f"({type(t).__name__}) takes 'inprocess' (colocated) or 'disk' (remote server)")
-                t.broadcast_weights(state_dict, version, self.timeout_s)
-        elif method == "inprocess":
-            for i, t in enumerate(targets):
-                if getattr(t, "remote", False):
-                    raise ValueError("sync.method=inprocess cannot reach a worker process or remote server; use 'disk'")
-                run_with_timeout(lambda t=t: t.load_weights(iter(state_dict.items()), version), self.timeout_s,
-                                 f"engine {i} ({type(t).__name__})")
+            # kept by reference for a worker restarted before the next push (under DDP that is the live weights,
+            # so a restarted worker may run weights up to sync.interval - 1 steps newer than their version tag)
+            self.latest = ("broadcast", state_dict, version)
+            for e in engines:
+                self._watch_restarts(e)
+                self._broadcast(e, state_dict, version)
         else:
-            raise ValueError(f"sync.method={method!r}: expected 'inprocess', 'broadcast' or 'disk'")
+            for i, e in enumerate(engines):
+                run_with_timeout(lambda e=e: e.load_weights(iter(state_dict.items()), version), self.timeout_s,
+                                 f"engine {i} ({type(e).__name__})")
         self.pushes += 1
         return time.perf_counter() - t0
+
+    # ---- worker processes ------------------------------------------------------------------------
+    def _watch_restarts(self, handle) -> None:
+        """A worker process restarted by its pool gets the latest weights from here (its channel is rebuilt)."""
+        if hasattr(handle, "on_restart"):
+            handle.on_restart(self._resend)
+
+    def _resend(self, handle) -> None:
+        old = self.channels.pop(handle.index, None)
+        if old is not None:
+            old.close()
+        if self.latest is None:
+            return
+        method, payload, version = self.latest
+        if method == "disk":
+            handle.send(("weights", payload, version))  # acknowledged before its re-queued requests are answered
+        else:  # the learner's weights now, tagged with the last push
+            self._broadcast(handle, payload, version)
+
+    def _broadcast(self, handle, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Stream `state_dict` to one worker over its WeightChannel and wait for its acknowledgement. The first
+        push opens the channel: NCCL when this process has a GPU (the weights go GPU to GPU), else gloo."""
+        try:
+            channel = self.channels.get(handle.index)
+            if channel is None:
+                backend = "nccl" if torch_cuda_available() else "gloo"
+                if backend == "nccl" and not handle.own_device:
+                    raise ValueError("sync.method=broadcast on GPUs needs each worker on its own GPU (rollout.devices): "
+                                     "NCCL cannot connect two ranks on one device")
+                channel = WeightChannel.listen(backend, self.timeout_s, host=self.channel_host)
+                handle.send(("channel", channel.host, channel.port, backend, self.timeout_s, channel.secret))  # the secret: pipe only
+                self.channels[handle.index] = channel = channel.connect()
+            meta = WeightChannel.describe(state_dict)
+            handle.send(("weights_broadcast", meta, version))
+            channel.send(state_dict, meta)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a dead peer or a timeout inside the collective
+            dead = self.channels.pop(handle.index, None)
+            if dead is not None:
+                dead.close()
+            handle.recover(f"weight broadcast to generation worker {handle.index} failed", e)  # a restart re-sends these weights
+            return
+        handle.wait_loaded(version, self.timeout_s)
+
+    def close(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()

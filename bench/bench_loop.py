@@ -1,7 +1,7 @@
 """Benchmark the off-policy loop's parts on the default model and this machine.
 
-    .venv/bin/python bench/bench_loop.py [--repeats 3] [--steps 6] [--out bench/results/loop.json]
-    .venv/bin/python bench/bench_loop.py --push-only --repeats 7 --out bench/results/push.json
+    .venv/bin/python -m bench.bench_loop [--repeats 3] [--steps 6] [--out bench/results/loop.json]
+    .venv/bin/python -m bench.bench_loop --push-only --repeats 7 --out bench/results/push.json
 
 Reports: learner tokens/s; generation tokens/s through the framework vs the raw vLLM engine on the same
 token ids and sampling parameters; weight-push seconds (in-process, through a safetensors folder, and vLLM's own reload_weights for reference;
@@ -16,13 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def _timed_vllm_reload(gen, state) -> float:
@@ -53,8 +51,7 @@ def main() -> None:
     from asymre.rollout.vllm_engine import VLLMGenerator
     from asymre.sync import WeightSync
     from asymre.tasks import build_task
-    from asymre.tracking import read_metrics
-    from tests.recipe_utils import run_recipe
+    from bench.launch import run_recipe
 
     cfg_path = ROOT / "recipes/configs/smollm2_arithmetic_cpu.yaml"
     cfg = load_config(cfg_path)
@@ -90,8 +87,7 @@ def main() -> None:
         res["generation_framework_vs_raw"] = res["generation_tokens_per_s_framework"] / res["generation_tokens_per_s_raw_engine"]
 
     # --- learner
-    learner = Learner(cfg, path, Accelerator(cpu=True))
-    learner.pad_id = gen.tokenizer.pad_token_id
+    learner = Learner(cfg, path, Accelerator(cpu=True), gen.tokenizer)
     if not a.push_only:
         RewardScorer(list(cfg.reward.funcs)).score(groups)
         rates, fb = [], []
@@ -123,11 +119,10 @@ def main() -> None:
         return
 
     # --- weight push into a vLLM engine in a worker process (async mode): broadcast vs disk
-    from asymre.rollout import make_generator
+    from asymre.rollout import generator_from_config
     from asymre.rollout.worker import WorkerPool
 
-    pool = WorkerPool(1, make_generator, ("vllm", path, "float32", 0, ro.max_prompt_tokens + ro.max_new_tokens,
-                                          ro.max_prompt_tokens, 0.5, ro.kv_cache_gb), None, worker_timeout_s=300)
+    pool = WorkerPool(1, generator_from_config, (load_config(cfg_path, ["rollout.backend=vllm"]), path), None, worker_timeout_s=300)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             bc = WeightSync(1, "broadcast", 120, tmp)
@@ -142,9 +137,9 @@ def main() -> None:
 
     # --- the recipe's own loop: where a step's time goes
     with tempfile.TemporaryDirectory() as tmp:
-        run_recipe(load_config(cfg_path, [f"learner.steps={a.steps}", "eval.at_start=false", "eval.at_end=false",
-                                          "checkpoint.save_final_model=false", f"logging.run_dir={tmp}", "logging.progress=false"]))
-        rows = [m for m in read_metrics(tmp) if "perf/step_seconds" in m][1:]  # skip the first (warm-up) step
+        out = run_recipe(cfg_path, [f"learner.steps={a.steps}", "eval.at_start=false", "eval.at_end=false",
+                                    "checkpoint.save_final_model=false", "logging.progress=false"], tmp)
+        rows = [m for m in out["rows"] if "perf/step_seconds" in m][1:]  # skip the first (warm-up) step
     step = sum(m["perf/step_seconds"] for m in rows)
     gen_s = sum(m.get("perf/generation_seconds", 0.0) for m in rows)
     fwd = sum(m["perf/forward_backward_seconds"] for m in rows)

@@ -1,7 +1,7 @@
 """asymre vs TRL's GRPOTrainer vs a bare PyTorch loop, on this machine, in one run.
 
     make bench-trl        # = pip install trl==1.16.0, then:
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_trl.py [--steps 3] [--learn-steps 12] [--seeds 0]
+    OMP_NUM_THREADS=2 .venv/bin/python -m bench.bench_trl [--steps 3] [--learn-steps 12] [--seeds 0]
 
 Part 1, trained tokens/s. Same model (embedded SmolLM2-135M, float32, CPU), same prompts (8 arithmetic
 prompts), same samples per step (G = 8, 64 trajectories), same completion cap (16 tokens):
@@ -22,13 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def bare_step(model, opt, groups, pad_id) -> tuple[float, int]:
@@ -120,8 +118,7 @@ def main() -> None:
     from asymre.rollout.base import SamplingSpec
     from asymre.rollout.hf import HFGenerator
     from asymre.tasks import build_task
-    from asymre.tracking import read_metrics
-    from tests.recipe_utils import run_recipe
+    from bench.launch import run_recipe
 
     cfg_path = ROOT / "recipes/configs/smollm2_arithmetic_cpu.yaml"
     cfg = load_config(cfg_path)
@@ -135,8 +132,7 @@ def main() -> None:
     hf = HFGenerator(path, "float32")
     groups = hf.generate(prompts, SamplingSpec(n=8, temperature=1.0, max_new_tokens=16, seed=0))
     RewardScorer(["numeric"]).score(groups)
-    learner = Learner(cfg, path, Accelerator(cpu=True))
-    learner.pad_id = hf.tokenizer.pad_token_id
+    learner = Learner(cfg, path, Accelerator(cpu=True), hf.tokenizer)
     rates = []
     for i in range(a.steps + 1):
         m = learner.train_step(groups)
@@ -171,10 +167,11 @@ def main() -> None:
         res["learning"] = []
         for seed in a.seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                rcfg = load_config(cfg_path, [f"learner.steps={a.learn_steps}", f"learner.seed={seed}", f"rollout.seed={seed}",
-                                              "checkpoint.save_final_model=false", f"logging.run_dir={tmp}", "logging.progress=false"])
-                summary = run_recipe(rcfg)
-                samples = sum(m.get("learner/trajectories", 0) for m in read_metrics(tmp))
+                own = [f"learner.steps={a.learn_steps}", f"learner.seed={seed}", f"rollout.seed={seed}", "checkpoint.save_final_model=false",
+                       "logging.progress=false"]
+                rcfg = load_config(cfg_path, own)
+                summary = run_recipe(cfg_path, own, tmp)
+                samples = sum(m.get("learner/trajectories", 0) for m in summary["rows"])
             with tempfile.TemporaryDirectory() as tmp:
                 trl_prompts = [train[i % len(train)] for i in range(8 * a.learn_steps)]
                 trainer, _ = trl_trainer(path, trl_prompts, a.learn_steps, seed, tmp, rcfg.learner.lr)

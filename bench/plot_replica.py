@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from asymre.plot import series  # noqa: E402
-from asymre.tracking import read_metrics  # noqa: E402
+from asymre.plot import series
+from asymre.tracking import read_metrics
 
 PANELS = [("eval/pass@1", "held-out pass@1 (greedy)"), ("reward/mean", "training reward (behaviour samples)"),
           ("loss/entropy", "policy entropy (nats/token)"), ("collapse/distinct_answers", "distinct answers per group")]

@@ -7,7 +7,7 @@
 
 Run (about 2 minutes on a 2-core CPU):
 
-    .venv/bin/accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/asymre.py \
+    .venv/bin/accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/train.py \
         --config recipes/configs/smollm2_arithmetic_cpu.yaml \
         'reward.funcs=[examples.custom_reward:concise_correct,examples.custom_reward:trl_accuracy_reward]' \
         'reward.weights=[1.0,0.5]' learner.steps=4
@@ -51,7 +51,7 @@ OVERRIDES = ["reward.funcs=[examples.custom_reward:concise_correct,examples.cust
 def main() -> int:
     root = Path(__file__).resolve().parent.parent
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "recipes/accelerate/cpu.yaml",
-           "recipes/asymre.py", "--config", CONFIG, *OVERRIDES, *sys.argv[1:]]
+           "recipes/train.py", "--config", CONFIG, *OVERRIDES, *sys.argv[1:]]
     return subprocess.call(cmd, cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
 
 

@@ -17,11 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+from omegaconf import OmegaConf
 
-from omegaconf import OmegaConf  # noqa: E402
-
-from asymre.config import ConfigError, load_config  # noqa: E402
+from asymre.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +55,7 @@ def commands(spec: dict, extra: list[str], only: list[str] | None = None) -> lis
         launch = [str(Path(sys.executable).parent / "accelerate"), "launch"]
         if spec.get("accelerate_config"):
             launch += ["--config_file", spec["accelerate_config"]]
-        out.append((run["name"], [*launch, "recipes/asymre.py", "--config", spec["config"], *overrides]))
+        out.append((run["name"], [*launch, "recipes/train.py", "--config", spec["config"], *overrides]))
     return out
 
 

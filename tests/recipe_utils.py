@@ -1,16 +1,15 @@
-"""Load `recipes/asymre.py` (a script, not a package module) for in-process tests."""
+"""Run the recipe scripts (`recipes/train.py`, `recipes/sweep.py`) in this process, for tests that reach into them."""
 
-import importlib.util
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_recipe_module():
-    spec = importlib.util.spec_from_file_location("asymre_recipe", ROOT / "recipes" / "asymre.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def load_recipe_module(name: str = "train") -> SimpleNamespace:
+    """The names `recipes/<name>.py` defines, run as a script is (with runpy), short of its `__main__` block."""
+    return SimpleNamespace(**runpy.run_path(str(ROOT / "recipes" / f"{name}.py"), run_name=f"recipes_{name}"))
 
 
 def run_recipe(cfg) -> dict:
@@ -26,10 +25,13 @@ def run_recipe(cfg) -> dict:
 def worker_pool(model_path, backend: str, **kw):
     """One generation worker process with `backend` (a real one, or a fake from tests/fakes.py) on the
     embedded model, small enough for CPU tests."""
+    from functools import partial
+
     from asymre.rollout import make_generator
     from asymre.rollout.worker import WorkerPool
 
-    return WorkerPool(1, make_generator, (backend, model_path, "float32", 0, 256, 128, 0.5, 0.5), None, **kw)
+    return WorkerPool(1, partial(make_generator, backend, model_path, max_model_len=256, max_prompt_tokens=128, kv_cache_gb=0.5), (),
+                      None, **kw)
 
 
 def lend_engine(engine, max_prompt_tokens: int = 128, chat_template_kwargs: dict | None = None):

@@ -68,11 +68,11 @@ def test_receive_keeps_only_tensors_a_later_name_aliases():
 
 @pytest.mark.slow
 def test_broadcast_on_gpu_needs_separate_worker_gpus(model_path, monkeypatch):
-    import asymre.rollout.worker as worker_mod
+    import asymre.sync as sync_mod
 
     pool = worker_pool(model_path, "tests.fakes:SlowGenerator", worker_timeout_s=60)
     try:
-        monkeypatch.setattr(worker_mod, "torch_cuda_available", lambda: True)
+        monkeypatch.setattr(sync_mod, "torch_cuda_available", lambda: True)
         with pytest.raises(ValueError, match="rollout.devices"):
             WeightSync(interval=1, method="broadcast", timeout_s=10).push({"w": torch.zeros(2)}, 1, pool.handles)
     finally:
@@ -102,12 +102,13 @@ def test_broadcast_reaches_the_vllm_engine_in_a_worker_process(model_path):
     train, _ = build_task(load_config().task)
     pool = worker_pool(model_path, "vllm", worker_timeout_s=300)
     try:
-        seconds = WeightSync(interval=1, method="broadcast", timeout_s=120).push(model.state_dict(), 5, pool.handles)
+        sync = WeightSync(interval=1, method="broadcast", timeout_s=120)
+        seconds = sync.push(model.state_dict(), 5, pool.handles)
         assert pool.workers[0].version == 5 and seconds > 0
         # the channel stays open between pushes: nothing the learner or its worker (and the worker's engine)
         # listens on may be reachable from another machine (torch's TCPStore alone binds every interface)
         sockets = listening_tcp(process_tree(os.getpid()))
-        assert any(s.endswith(f":{pool.workers[0].channel.port}") for s in sockets), sockets
+        assert any(s.endswith(f":{sync.channels[0].port}") for s in sockets), sockets
         assert sockets and all(is_loopback(s) for s in sockets), sockets
         pool.submit(train[:2], SamplingSpec(n=2, temperature=1.0, max_new_tokens=8, seed=0, logprobs=True))
         results = pool.poll(timeout=300)

@@ -49,8 +49,7 @@ def test_vllm_generate_buffer_learn_push(engine, model_path, tmp_path):
     buffer.add(groups)
     batch = buffer.sample(4, learner_version=0)
 
-    learner = Learner(cfg, model_path, Accelerator(cpu=True))
-    learner.pad_id = engine.tokenizer.pad_token_id
+    learner = Learner(cfg, model_path, Accelerator(cpu=True), engine.tokenizer)
     fixed = batch[0].trajectories[0]
     before_engine = torch.tensor(engine.logprobs_of(fixed.prompt_ids, fixed.completion_ids))
     before_learner = _learner_logprobs(learner, fixed.prompt_ids, fixed.completion_ids)

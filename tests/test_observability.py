@@ -133,7 +133,7 @@ def test_default_run_output_fits_on_one_screen(tmp_path):
 
     from tests.recipe_utils import ROOT
 
-    r = subprocess.run([sys.executable, "recipes/asymre.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml",
+    r = subprocess.run([sys.executable, "recipes/train.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml",
                         "learner.steps=1", "task.eval_size=4", "checkpoint.save_final_model=false", f"logging.run_dir={tmp_path / 'run'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -55,14 +55,13 @@ def _data_overrides(path: str) -> list[str]:
 
 
 def _shared_engine_factory(engine, real_factory):
-    """The recipe's own make_generator call, answered with the session's real vLLM engine (set up as the
-    recipe asks) instead of a second engine start; any other backend is built as asked."""
-    def make(backend, model_path, dtype="float32", seed=0, max_model_len=2048, max_prompt_tokens=1024, *args,
-             chat_template_kwargs=None, **kw):
+    """The recipe's own make_generator call (through `generator_from_config`), answered with the session's real
+    vLLM engine (set up as the recipe asks) instead of a second engine start; any other backend is built as asked."""
+    def make(backend, model_path, *, dtype="float32", max_model_len=2048, max_prompt_tokens=1024, chat_template_kwargs=None, **kw):
         from asymre.rollout import resolve_backend
 
         if resolve_backend(backend) != "vllm":
-            return real_factory(backend, model_path, dtype, seed, max_model_len, max_prompt_tokens, *args,
+            return real_factory(backend, model_path, dtype=dtype, max_model_len=max_model_len, max_prompt_tokens=max_prompt_tokens,
                                 chat_template_kwargs=chat_template_kwargs, **kw)
         assert dtype == "float32" and max_model_len <= engine.max_model_len, (dtype, max_model_len)
         return lend_engine(engine, max_prompt_tokens, chat_template_kwargs)
@@ -88,9 +87,11 @@ def test_every_example_script_is_run_here():
 @pytest.mark.parametrize("path, own", _runs(), ids=[p for p in CONFIGS] + list(EXAMPLE_RUNS))
 def test_recipe_runs_end_to_end(path, own, tmp_path, vllm_engine, monkeypatch):
     cfg = load_config(ROOT / path, own + HARDWARE + CPU_SCALE + _data_overrides(path) + [f"logging.run_dir={tmp_path / 'run'}"])
+    import asymre.rollout
+
     mod = load_recipe_module()
     if cfg.rollout.mode == "colocated":  # async workers build their own engine in their own process
-        monkeypatch.setattr(mod, "make_generator", _shared_engine_factory(vllm_engine, mod.make_generator))
+        monkeypatch.setattr(asymre.rollout, "make_generator", _shared_engine_factory(vllm_engine, asymre.rollout.make_generator))
     seen = []
     real_generate = type(vllm_engine).generate
     monkeypatch.setattr(type(vllm_engine), "generate", lambda self, prompts, spec: seen.append(g := real_generate(self, prompts, spec)) or g)

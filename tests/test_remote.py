@@ -58,7 +58,7 @@ def server():
 
 def test_remote_generate_and_weight_push(server, model_path, tmp_path):
     gen = RemoteVLLMGenerator(server, model_path)
-    assert gen.model_name == "served-model" and gen.remote
+    assert gen.model_name == "served-model" and gen.sync_methods == ("disk",)
     train, _ = build_task(load_config().task)
     groups = gen.generate(train[:2], SamplingSpec(n=3, temperature=1.0, max_new_tokens=8, seed=4, logprobs=True))
     assert len(groups) == 2 and all(len(g.trajectories) == 3 for g in groups)

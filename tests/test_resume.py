@@ -24,7 +24,7 @@ ARGS = ["rollout.backend=hf", "rollout.prompts_per_step=2", "rollout.group_size=
 
 
 def _cmd(run_dir, *extra):
-    return [sys.executable, "recipes/asymre.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml", *ARGS,
+    return [sys.executable, "recipes/train.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml", *ARGS,
             f"logging.run_dir={run_dir}", *extra]
 
 

@@ -157,11 +157,19 @@ def test_builtins_accept_trl_conversational_completions():
     assert first_number(["", ""], conv, answer=["5", "6"]) == [0.0, 1.0]
 
 
-def test_reward_module_in_the_launch_folder_needs_no_pythonpath(tmp_path, monkeypatch):
-    """`reward.funcs=[my_rewards:fn]` finds my_rewards.py in the folder the run was launched from."""
+def test_reward_module_in_the_launch_folder_needs_no_pythonpath(tmp_path):
+    """`reward.funcs=[my_rewards:fn]` finds my_rewards.py (and my_pkg/rules.py) in the folder the run was launched
+    from, though that folder is not on the import path (`python -P`: as under `accelerate launch recipes/train.py`)."""
+    import subprocess
     import sys
 
     (tmp_path / "asymre_test_local_rewards.py").write_text("def fn(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    assert resolve_reward("asymre_test_local_rewards:fn")([""], ["x"]) == [1.0]
+    (tmp_path / "asymre_test_local_pkg").mkdir()
+    (tmp_path / "asymre_test_local_pkg" / "__init__.py").write_text("")
+    (tmp_path / "asymre_test_local_pkg" / "rules.py").write_text("def fn(prompts, completions, **kw):\n    return [2.0] * len(completions)\n")
+    code = ("import sys; from asymre.rewards import resolve_reward; assert str(sys.path).count(repr(sys.argv[1])) == 0; "
+            "print(resolve_reward('asymre_test_local_rewards:fn')([''], ['x']), resolve_reward('asymre_test_local_pkg.rules:fn')([''], ['x']), "
+            "str(sys.path).count(repr(sys.argv[1])))")
+    r = subprocess.run([sys.executable, "-P", "-c", code, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[1.0]", "[2.0]", "0"]  # both found, and the import path untouched

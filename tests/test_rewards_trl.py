@@ -130,14 +130,17 @@ def test_reward_of_the_wrong_type_is_dropped_counted_and_named(fn, said, caplog)
 def test_math_verify_and_a_raising_reward_in_a_generation_worker_process(model_path, caplog):
     """In async mode the worker process scores its own groups: math-verify must work there too, and a
     raising reward's traceback must reach the learner's log, naming the worker and the function."""
+    from functools import partial
+
+    from asymre.config import load_config
     from asymre.rollout import make_generator
     from asymre.rollout.base import SamplingSpec
     from asymre.rollout.worker import WorkerPool
 
     prompts = [Prompt("a", [{"role": "user", "content": "Half?"}], {"answer": "\\frac{1}{2}", "replies": ["$\\boxed{0.5}$", "\\boxed{7}"]}),
                Prompt("b", [{"role": "user", "content": "Two?"}], {"answer": "2", "replies": ["\\boxed{2}", "\\boxed{2.0}"]})]
-    scorer_args = {"specs": ["math_verify", f"{R}:raises_on_sevens"], "timeout_s": 30.0}
-    pool = WorkerPool(1, make_generator, ("tests.fakes:ReplyGenerator", model_path), scorer_args, worker_timeout_s=120)
+    scorer_config = load_config(None, [f"reward.funcs=[math_verify,{R}:raises_on_sevens]", "reward.timeout_s=30"])
+    pool = WorkerPool(1, partial(make_generator, "tests.fakes:ReplyGenerator", model_path), (), scorer_config, worker_timeout_s=120)
     try:
         with caplog.at_level(logging.WARNING, logger="asymre"):
             pool.submit(prompts, SamplingSpec(n=2, max_new_tokens=8), step=2)

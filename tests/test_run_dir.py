@@ -118,7 +118,7 @@ ARGS = ["rollout.backend=hf", "rollout.prompts_per_step=1", "rollout.group_size=
 
 
 def _train(run_dir, *extra):
-    cmd = [sys.executable, "recipes/asymre.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml", *ARGS,
+    cmd = [sys.executable, "recipes/train.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml", *ARGS,
            f"logging.run_dir={run_dir}", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 

@@ -5,13 +5,9 @@ run here), and a bad run is named before anything starts."""
 import pytest
 
 from asymre.config import ConfigError, load_config
-from tests.recipe_utils import ROOT
+from tests.recipe_utils import ROOT, load_recipe_module
 
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("asymre_sweep", ROOT / "recipes" / "sweep.py")
-sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep)
+sweep = load_recipe_module("sweep")
 
 SWEEPS = sorted((ROOT / "recipes" / "configs" / "sweeps").glob("*.yaml"))
 
@@ -23,7 +19,7 @@ def test_every_sweep_run_validates(path):
     assert len(cmds) == len(spec["runs"]) >= 5
     assert any("accelerate launch" in line for line in path.read_text().splitlines()[:6] if line.startswith("#"))
     for name, cmd in cmds:
-        assert cmd[1] == "launch" and "recipes/asymre.py" in cmd and any(a.endswith(name) for a in cmd)
+        assert cmd[1] == "launch" and "recipes/train.py" in cmd and any(a.endswith(name) for a in cmd)
 
 
 def test_paper_sweep_matches_the_paper():

@@ -108,7 +108,7 @@ def test_api_key_in_no_log_metric_or_saved_config(server, tmp_path):  # noqa: F8
     run's output, metrics.jsonl and config.json never contain it."""
     key = "sk-never-print-5c1d"
     run = tmp_path / "run"
-    cmd = [sys.executable, "recipes/asymre.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml", "rollout.mode=async",
+    cmd = [sys.executable, "recipes/train.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml", "rollout.mode=async",
            f"rollout.server_urls=[{server}]", "rollout.server_api_key_env=ASYMRE_TEST_VLLM_KEY", "rollout.prompts_per_step=2",
            "rollout.group_size=2", "learner.groups_per_step=2", "learner.steps=1", "eval.at_start=false", "eval.at_end=false",
            "checkpoint.save_final_model=false", "logging.progress=false", f"logging.run_dir={run}"]

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect
 import logging
 import math
@@ -61,6 +63,29 @@ class TrainerState:
     max_steps: int = 0  # learner.steps
 
 
+def _import_here_too(module: str):
+    """Import `module`, or, when its top-level package is nowhere on the import path, from the folder the run was
+    launched from (`my_rewards:fn` next to where the user typed the command, as `python -c` would find it):
+    that one package is loaded from there, the import path itself is left alone."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        top = module.partition(".")[0]
+        if e.name != top:
+            raise
+        spec = importlib.machinery.PathFinder.find_spec(top, [os.getcwd()])
+        if spec is None:
+            raise
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[top] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[top]
+        raise
+    return importlib.import_module(module)  # a submodule is found through the package's own __path__
+
+
 def resolve_reward(spec: str) -> RewardFn:
     """'numeric' (registry) or 'my_pkg.rewards:score' (dotted path) -> callable. Fails at start-up."""
     if spec in REGISTRY:
@@ -68,11 +93,8 @@ def resolve_reward(spec: str) -> RewardFn:
     if ":" not in spec:
         raise RewardError(f"reward {spec!r}: not a built-in ({', '.join(sorted(REGISTRY))}) and not a dotted path 'pkg.module:function'")
     module, _, attr = spec.partition(":")
-    here = os.getcwd()
-    if here not in sys.path and "" not in sys.path:  # `my_rewards:fn` next to where the user launched, as `python -c` would
-        sys.path.append(here)
     try:
-        mod = importlib.import_module(module)
+        mod = _import_here_too(module)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module
         raise RewardError(f"reward {spec!r}: cannot import module {module!r}: {e}") from e
     fn = getattr(mod, attr, None)
@@ -155,6 +177,12 @@ class RewardScorer:
         self.funcs = [resolve_reward(s) for s in self.specs]
         self.weights = list(self.weights) or [1.0] * len(self.funcs)
         self._logged: set[tuple[str, int]] = set()  # (function, step) pairs whose failure was logged
+
+    @classmethod
+    def from_config(cls, cfg) -> "RewardScorer":
+        """The run's scorer: `reward.*`, and `learner.steps` as the rewards' `trainer_state.max_steps`."""
+        r = cfg.reward
+        return cls(list(r.funcs), list(r.weights), r.timeout_s, r.scale, cfg.learner.steps)
 
     # ------------------------------------------------------------------------------------ one call
     def _kwargs(self, flat, step: int, idx: list[int], logged: dict) -> dict[str, Any]:

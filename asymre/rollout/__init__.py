@@ -1,4 +1,5 @@
-"""Generation workers: backends behind the `Generator` protocol, and a factory that picks one from config."""
+"""Generation: backends behind the `Generator` protocol, built from config here, and the recipe's one interface
+to them, a `Rollout` (`asymre.rollout.modes`: colocated or async)."""
 
 from __future__ import annotations
 
@@ -14,20 +15,19 @@ def resolve_backend(backend: str) -> str:
     return "vllm" if vllm_available() else "hf"
 
 
-def make_generator(backend: str, model_path: str, dtype: str = "float32", seed: int = 0, max_model_len: int = 2048,
+def make_generator(backend: str, model_path: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 2048,
                    max_prompt_tokens: int = 1024, gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0,
                    device: str | None = None, server_url: str | None = None, chat_template_kwargs: dict | None = None,
                    api_key_env: str | None = None) -> Generator:
     """Build one generator. Picklable arguments only, so worker processes can call it too.
     `backend` may also be a dotted path 'pkg.module:factory' to a user's own backend, called with
-    (model_path, dtype=..., seed=...) and returning an object that implements `Generator`.
+    (model_path, dtype=..., seed=...), plus chat_template_kwargs=... when task.chat_template_kwargs is set,
+    and returning an object that implements `Generator`.
     `chat_template_kwargs` go to the tokenizer's chat template when prompts are encoded."""
     backend = resolve_backend(backend)
     if ":" in backend:
-        import importlib
-
-        module, _, attr = backend.partition(":")
-        return getattr(importlib.import_module(module), attr)(model_path, dtype=dtype, seed=seed)
+        extra = {"chat_template_kwargs": dict(chat_template_kwargs)} if chat_template_kwargs else {}
+        return custom_backend(backend)(model_path, dtype=dtype, seed=seed, **extra)
     if server_url:
         from asymre.rollout.remote import RemoteVLLMGenerator
 
@@ -43,3 +43,55 @@ def make_generator(backend: str, model_path: str, dtype: str = "float32", seed: 
 
         return HFGenerator(model_path, dtype, device=device, max_prompt_tokens=max_prompt_tokens, chat_template_kwargs=chat_template_kwargs)
     raise ValueError(f"rollout.backend={backend!r}: expected 'vllm', 'hf' or 'auto'")
+
+
+def custom_backend(spec: str):
+    """The factory named by rollout.backend='pkg.module:factory'."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def generator_from_config(cfg, model_path: str, rank: int = 0, backend: str | None = None, server_url: str | None = None) -> Generator:
+    """The run's generation engine on learner rank `rank` (its sampling seed is rollout.seed + rank), as a worker
+    process or the recipe builds it; `backend` overrides rollout.backend (async evaluation uses 'hf'), `server_url`
+    makes it a client of that remote vLLM server. Its context holds the longest prompt plus the longer of the
+    training and evaluation completions."""
+    ro = cfg.rollout
+    return make_generator(backend or ro.backend, model_path, dtype=cfg.model.dtype, seed=ro.seed + rank,
+                          max_model_len=ro.max_prompt_tokens + max(ro.max_new_tokens, cfg.eval.max_new_tokens),
+                          max_prompt_tokens=ro.max_prompt_tokens, gpu_memory_utilization=ro.gpu_memory_utilization,
+                          kv_cache_gb=ro.kv_cache_gb, server_url=server_url, chat_template_kwargs=dict(cfg.task.chat_template_kwargs),
+                          api_key_env=ro.server_api_key_env if server_url else None)
+
+
+def check_rollout_config(cfg) -> None:
+    """Refuse, at start-up (before any model loads), what the engines would fail on later: sampling parameters
+    an engine does not know, a remote server's API-key variable that is not set, a custom backend whose factory
+    cannot take the run's task.chat_template_kwargs."""
+    import inspect
+    import os
+
+    from asymre.config import ConfigError
+    from asymre.rollout.base import generation_kwargs_problem
+
+    ro = cfg.rollout
+    engine_kind = "remote" if ro.server_urls else resolve_backend(ro.backend)
+    for key, kwargs in (("rollout.generation_kwargs", ro.generation_kwargs), ("eval.generation_kwargs", cfg.eval.generation_kwargs)):
+        problem = generation_kwargs_problem(engine_kind, dict(kwargs))
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+    if ro.server_urls and ro.server_api_key_env and not os.environ.get(ro.server_api_key_env):
+        raise ConfigError(f"rollout.server_api_key_env={ro.server_api_key_env}: that environment variable is not set")
+    if ":" not in ro.backend or not cfg.task.chat_template_kwargs:
+        return
+    try:
+        params = inspect.signature(custom_backend(ro.backend)).parameters.values()
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"rollout.backend={ro.backend}: cannot load the factory ({e})") from e
+    except (TypeError, ValueError):  # no signature to read: the call will tell
+        return
+    if not any(p.name == "chat_template_kwargs" or p.kind is p.VAR_KEYWORD for p in params):
+        raise ConfigError(f"rollout.backend={ro.backend}: the factory takes no chat_template_kwargs, but "
+                          f"task.chat_template_kwargs={dict(cfg.task.chat_template_kwargs)} is set")

@@ -44,6 +44,9 @@ class Generator(Protocol):
     """Owns an inference engine holding the behaviour policy mu at `version`."""
 
     version: int
+    # The weight-push methods this engine accepts (asymre.sync.WeightSync): an in-process engine takes
+    # ("inprocess", "disk"), the default for an engine that does not say; a remote server ("disk",).
+    sync_methods: tuple[str, ...]
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
         """One group of `spec.n` trajectories per prompt, each tagged with `self.version`."""

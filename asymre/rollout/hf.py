@@ -14,6 +14,8 @@ from asymre.rollout.base import SamplingSpec, Weights, encode_prompts, eos_token
 
 
 class HFGenerator:
+    sync_methods = ("inprocess", "disk")  # weights by reference in this process, or from a folder
+
     def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None, max_prompt_tokens: int = 1024,
                  batch_size: int = 64, chat_template_kwargs: dict | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -23,7 +23,7 @@ from asymre.rollout.base import SamplingSpec, check_groups, encode_prompts
 
 
 class RemoteVLLMGenerator:
-    remote = True
+    sync_methods = ("disk",)  # it loads weights from a folder: asymre.sync.WeightSync picks the disk method
 
     def __init__(self, url: str, model_path: str, max_prompt_tokens: int = 1024, timeout_s: float = 600.0,
                  chat_template_kwargs: dict | None = None, api_key_env: str | None = None):

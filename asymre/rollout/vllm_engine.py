@@ -34,6 +34,8 @@ def vllm_available() -> bool:
 
 
 class VLLMGenerator:
+    sync_methods = ("inprocess", "disk")  # weights by reference in this process, or from a folder
+
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0, max_prompt_tokens: int = 1024,
                  chat_template_kwargs: dict | None = None):

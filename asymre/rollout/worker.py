@@ -3,12 +3,12 @@
 Each worker process owns one `Generator` (built in the child from a picklable factory), scores its own
 groups with the reward functions (off the learner's critical path), and answers: generate; load
 weights from a safetensors folder (the 'disk' sync method) or from its `WeightChannel` (the 'broadcast'
-method: NCCL on GPUs, gloo on CPU; the channel is opened by a 'channel' message on first use); stop.
-Weights and stop travel on a control queue that is read before the next queued generation request. The learner's main
-process talks to them through a `WorkerPool`, which notices a dead or silent worker within
-`worker_timeout_s`, restarts it up to `max_restarts` times (re-sending its unfinished requests and
-the latest weights), and otherwise raises `WorkerError` naming the worker. Nothing here can hang
-forever: every wait has a deadline.
+method; `asymre.sync.WeightSync` opens the channel with a 'channel' message); stop. Weights and stop
+travel on a control queue that is read before the next queued generation request. The learner's main
+process talks to them through a `WorkerPool`, which only passes messages: it notices a dead or silent
+worker within `worker_timeout_s`, restarts it up to `max_restarts` times (re-sending its unfinished
+requests; the `WeightSync` that pushed last re-sends the latest weights), and otherwise raises
+`WorkerError` naming the worker. Nothing here can hang forever: every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -22,12 +22,6 @@ from typing import Any, Callable
 
 from asymre.data import Prompt, TrajectoryGroup
 from asymre.rollout.base import SamplingSpec, check_groups
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class WorkerError(RuntimeError):
@@ -47,7 +41,7 @@ def _next_message(ctrl_q, req_q):
             continue
 
 
-def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwargs: dict, env: dict, scorer_args: dict | None,
+def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwargs: dict, env: dict, scorer_config,
                  req_q, ctrl_q, out_q) -> None:
     try:
         import os
@@ -56,10 +50,10 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
         _forward_logs(index, out_q)
         gen = factory(*factory_args, **factory_kwargs)
         scorer, channel = None, None
-        if scorer_args is not None:
+        if scorer_config is not None:
             from asymre.rewards import RewardScorer
 
-            scorer = RewardScorer(**scorer_args)
+            scorer = RewardScorer.from_config(scorer_config)
         out_q.put(("ready", index, None))
         while True:
             msg = _next_message(ctrl_q, req_q)
@@ -120,7 +114,6 @@ class _Worker:
     proc: Any = None
     req_q: Any = None
     ctrl_q: Any = None
-    channel: Any = None  # learner end of its WeightChannel (sync.method=broadcast), opened on first push
     pending: dict[int, tuple] = field(default_factory=dict)  # request id -> (prompts, spec, learner step)
     last_heard: float = 0.0
     restarts: int = 0
@@ -128,38 +121,54 @@ class _Worker:
 
 
 class WorkerHandle:
-    """What `WeightSync` pushes to: one worker, reached through the pool. `remote` selects the disk method."""
+    """One worker process as a weight-push target (`asymre.sync.WeightSync`): it accepts a weight folder ('disk')
+    or a stream over its own channel ('broadcast'); the pool carries the messages."""
 
-    remote = True
+    sync_methods = ("disk", "broadcast")
 
     def __init__(self, pool: "WorkerPool", index: int):
         self.pool, self.index = pool, index
 
-    def load_weights(self, path: str, version: int) -> None:
-        self.pool.push_weights(self.index, path, version)
+    @property
+    def own_device(self) -> bool:
+        """True when the worker was given its own GPU (rollout.devices): NCCL needs one per rank."""
+        return "CUDA_VISIBLE_DEVICES" in self.pool.per_worker[self.index][1]
 
-    def broadcast_weights(self, state_dict: dict, version: int, timeout_s: float | None = None) -> None:
-        self.pool.broadcast_weights(self.index, state_dict, version, timeout_s)
+    def load_weights(self, path: str, version: int) -> None:
+        self.send(("weights", path, version))
+        self.wait_loaded(version)
+
+    def send(self, msg: tuple) -> None:
+        """A control message, read ahead of queued generation requests."""
+        self.pool.workers[self.index].ctrl_q.put(msg)
+
+    def wait_loaded(self, version: int, timeout_s: float | None = None) -> None:
+        self.pool.wait_loaded(self.index, version, timeout_s)
+
+    def on_restart(self, resend: Callable[["WorkerHandle"], None]) -> None:
+        """`resend(handle)` runs after this pool restarts a worker, before its unfinished requests are re-queued."""
+        self.pool.resend_weights = resend
+
+    def recover(self, what: str, error: Exception) -> None:
+        self.pool.recover(self.index, what, error)
 
 
 class WorkerPool:
-    def __init__(self, num_workers: int, factory: Callable, factory_args: tuple, scorer_args: dict | None = None,
+    def __init__(self, num_workers: int, factory: Callable, factory_args: tuple, scorer_config=None,
                  worker_timeout_s: float = 600.0, max_restarts: int = 2, start_timeout_s: float = 600.0,
-                 per_worker: list[tuple[dict, dict]] | None = None, channel_host: str = "127.0.0.1",
-                 vocab_size: int | None = None):
-        """`per_worker[i]` = (extra factory kwargs, environment) for worker i, e.g. its GPU or server URL.
-        `channel_host`: the interface a broadcast weight channel listens on (sync.channel_host)."""
-        self.channel_host = channel_host
+                 per_worker: list[tuple[dict, dict]] | None = None, vocab_size: int | None = None):
+        """Worker i runs `factory(*factory_args, **per_worker[i][0])` with environment `per_worker[i][1]` (its GPU
+        or server URL) and, given a `Config` as `scorer_config`, scores its groups with its reward functions."""
         self.vocab_size = vocab_size  # token ids coming back are checked against it (the learner's embedding rows)
         self.ctx = mp.get_context("spawn")  # vLLM and torch threads do not survive fork
-        self.factory, self.factory_args, self.scorer_args = factory, factory_args, scorer_args
+        self.factory, self.factory_args, self.scorer_config = factory, factory_args, scorer_config
         self.per_worker = per_worker or [({}, {})] * num_workers
         self.worker_timeout_s, self.max_restarts, self.start_timeout_s = worker_timeout_s, max_restarts, start_timeout_s
         self.out_q = self.ctx.Queue()
         self.workers = [_Worker(i) for i in range(num_workers)]
         self.results: list[tuple[int, list[TrajectoryGroup], dict]] = []
         self.reward_errors: list[str] = []
-        self.latest_weights: tuple[str, int] | dict | None = None  # (folder, version) or broadcast state
+        self.resend_weights: Callable[[WorkerHandle], None] | None = None  # set by the WeightSync that pushes
         self._next_rid = 0
         for w in self.workers:
             self._spawn(w)
@@ -173,7 +182,7 @@ class WorkerPool:
         w.req_q = self.ctx.Queue()
         w.ctrl_q = self.ctx.Queue()
         w.proc = self.ctx.Process(target=_worker_main, name=f"asymre-worker-{w.index}", daemon=True,
-                                  args=(w.index, self.factory, self.factory_args, *self.per_worker[w.index], self.scorer_args,
+                                  args=(w.index, self.factory, self.factory_args, *self.per_worker[w.index], self.scorer_config,
                                         w.req_q, w.ctrl_q, self.out_q))
         w.proc.start()
         w.last_heard = time.monotonic()
@@ -246,17 +255,11 @@ class WorkerPool:
         w.proc.join(timeout=10)
         w.restarts += 1
         pending = dict(w.pending)
-        if w.channel is not None:
-            w.channel.close()
-            w.channel = None
         w.version = -1  # the new process has its initial weights until it acknowledges a push
         self._spawn(w)
         self._wait_ready([w.index])
-        if isinstance(self.latest_weights, tuple):
-            w.ctrl_q.put(("weights", *self.latest_weights))
-        elif self.latest_weights is not None:  # broadcast: the learner's weights now, tagged with the last push
-            latest = self.latest_weights
-            self.broadcast_weights(w.index, latest["state"], latest["version"], latest["timeout_s"])
+        if self.resend_weights is not None:
+            self.resend_weights(WorkerHandle(self, w.index))
         for rid, request in pending.items():
             w.req_q.put(("generate", rid, *request))
 
@@ -293,52 +296,19 @@ class WorkerPool:
         out, self.results = self.results, []
         return out
 
-    def push_weights(self, index: int, path: str, version: int, timeout_s: float | None = None) -> None:
-        """Send a weight folder to one worker and wait for its acknowledgement."""
-        self.latest_weights = (path, version)
+    def recover(self, index: int, what: str, error: Exception) -> None:
+        """After a failed weight transfer to worker `index`: restart it if it died and restarts are left (the
+        restart re-sends the latest weights), else raise `WorkerError` naming it."""
         w = self.workers[index]
-        w.ctrl_q.put(("weights", path, version))  # ahead of queued generation requests
-        self._wait_loaded(w, version, timeout_s)
+        w.proc.join(timeout=10.0)  # a worker that crashed may still be tearing its engine down
+        if w.proc.exitcode is None or w.restarts >= self.max_restarts:
+            state = "still running" if w.proc.exitcode is None else f"exit code {w.proc.exitcode}"
+            raise WorkerError(f"{what} ({state}): {error}") from error
+        self._restart(w, f"exited with code {w.proc.exitcode} during a weight transfer")
 
-    def broadcast_weights(self, index: int, state_dict: dict, version: int, timeout_s: float | None = None) -> None:
-        """Stream `state_dict` to one worker over its WeightChannel and wait for its acknowledgement.
-
-        The first push opens the channel (NCCL when this process has a GPU, else gloo). The state dict is
-        kept by reference for a worker restarted before the next push (under DDP that is the live weights,
-        so a restarted worker may run weights up to sync.interval - 1 steps newer than their version tag)."""
-        from asymre.sync import WeightChannel
-
-        timeout_s = timeout_s or self.worker_timeout_s
-        self.latest_weights = {"state": state_dict, "version": version, "timeout_s": timeout_s}
+    def wait_loaded(self, index: int, version: int, timeout_s: float | None = None) -> None:
+        """Handle the workers' messages until worker `index` acknowledges weights `version`, or time out."""
         w = self.workers[index]
-        try:
-            if w.channel is None:
-                backend = "nccl" if torch_cuda_available() else "gloo"
-                if backend == "nccl" and "CUDA_VISIBLE_DEVICES" not in self.per_worker[index][1]:
-                    raise ValueError("sync.method=broadcast on GPUs needs each worker on its own GPU (rollout.devices): "
-                                     "NCCL cannot connect two ranks on one device")
-                channel = WeightChannel.listen(backend, timeout_s, host=self.channel_host)
-                w.ctrl_q.put(("channel", channel.host, channel.port, backend, timeout_s, channel.secret))  # the secret: pipe only
-                w.channel = channel.connect()
-            meta = WeightChannel.describe(state_dict)
-            w.ctrl_q.put(("weights_broadcast", meta, version))
-            w.channel.send(state_dict, meta)
-        except ValueError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a dead peer or a timeout inside the collective
-            if w.channel is not None:
-                w.channel.close()
-                w.channel = None
-            w.proc.join(timeout=10.0)  # a worker that crashed may still be tearing its engine down
-            if w.proc.exitcode is None or w.restarts >= self.max_restarts:
-                raise WorkerError(f"weight broadcast to generation worker {index} failed "
-                                  f"({'still running' if w.proc.exitcode is None else f'exit code {w.proc.exitcode}'}): {e}") from e
-            self._restart(w, f"exited with code {w.proc.exitcode} during a weight broadcast")  # re-sends these weights
-            return
-        self._wait_loaded(w, version, timeout_s)
-
-    def _wait_loaded(self, w: _Worker, version: int, timeout_s: float | None) -> None:
-        """Handle the workers' messages until worker `w` acknowledges weights `version`, or time out."""
         deadline = time.monotonic() + (timeout_s or self.worker_timeout_s)
         while w.version != version:
             self._handle(self._get(deadline, f"worker {w.index} to load weights version {version}"))

@@ -1,6 +1,6 @@
 """Run the AsymRE recipe under `accelerate launch` (2 processes) and write each rank's weight checksum.
 
-    accelerate launch --config_file recipes/accelerate/cpu_ddp2.yaml tests/scripts/ddp_recipe.py OUT_DIR key=value ...
+    PYTHONPATH=. accelerate launch --config_file recipes/accelerate/cpu_ddp2.yaml tests/scripts/ddp_recipe.py OUT_DIR key=value ...
 """
 
 import hashlib
@@ -8,10 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from asymre.config import load_config  # noqa: E402
-from tests.recipe_utils import load_recipe_module  # noqa: E402
+from asymre.config import load_config
+from tests.recipe_utils import load_recipe_module
 
 
 def checksum(model) -> str:

@@ -1,0 +1,263 @@
+"""The recipe's one interface to generation: a `Rollout` collects scored groups into the replay buffer, pushes
+the learner's weights to its engines, keeps the behaviour weights a lagging engine holds, and lends an engine
+holding the learner's weights for evaluation. Two implementations, picked by rollout.mode:
+
+- `ColocatedRollout`: one in-process engine per learner rank; generate, then train, on the same device. Each
+  rank reads its own shard of the prompts and keeps its own buffer. Between pushes (sync.interval > 1) the
+  engine lags the learner, so a host copy of the weights it holds is kept for evaluations and checkpoints.
+- `AsyncRollout`: generation worker processes (a `WorkerPool` on the main process) generate and score while
+  the learner trains; the main process buffers their groups and deals each rank its share of a step.
+  Evaluation runs on an in-process engine loaded with the learner's weights.
+
+Every method is called on every rank (weight gathers are collectives under FSDP/DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from accelerate.utils import broadcast_object_list
+
+from asymre.buffer import ReplayBuffer
+from asymre.data import Prompt, TrajectoryGroup
+from asymre.rewards import RewardScorer
+from asymre.rollout import generator_from_config
+from asymre.rollout.base import Generator, SamplingSpec
+from asymre.sync import WeightSync
+from asymre.tasks import PromptStream
+
+Weights = dict  # HF-named full weights, {name: tensor}
+
+
+class Rollout:
+    """What both modes share: the prompt stream, the buffer, the sampling spec of each round, the weight sync."""
+
+    def __init__(self, cfg, accelerator, train_prompts: list[Prompt], sync: WeightSync, weights: Callable[[], Weights],
+                 shard: tuple[int, int], buffer_ranks: int):
+        """`weights()` gathers the learner's full weights (a collective: every rank calls it). This rank reads
+        prompt shard `shard` = (index, count); its buffer feeds `buffer_ranks` learner ranks."""
+        self.cfg, self.acc, self.sync, self.weights = cfg, accelerator, sync, weights
+        self.buffer = ReplayBuffer.from_config(cfg, buffer_ranks)
+        self.prompts = PromptStream(train_prompts, cfg.task.seed, *shard)
+        self.rounds = 0  # generation rounds requested so far: each round's sampling seed follows from it
+        ro = cfg.rollout
+        self.train_spec = SamplingSpec(n=ro.group_size, temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
+                                       logprobs=cfg.loss.name == "grpo", extra=dict(ro.generation_kwargs))
+
+    def _spec(self) -> SamplingSpec:
+        self.rounds += 1
+        s = self.train_spec
+        return SamplingSpec(s.n, s.temperature, s.top_p, s.max_new_tokens, self.cfg.rollout.seed * 1000003 + self.rounds, s.logprobs,
+                            s.extra)
+
+    # ---- the interface -----------------------------------------------------------------------------
+    def next_groups(self, learner_step: int) -> tuple[list[TrajectoryGroup], dict[str, float]]:
+        """This rank's groups for the next learner step, once enough fresh ones are buffered, and collection
+        metrics (main process)."""
+        raise NotImplementedError
+
+    def push(self, version: int) -> float:
+        """Push the learner's weights (tagged `version`) to every engine; returns seconds taken."""
+        raise NotImplementedError
+
+    keeps_behaviour = False  # True when the engines may lag the learner at a checkpoint (it then stores their weights)
+
+    @property
+    def engine_version(self) -> int | None:
+        """The policy version the engines hold, or None when they always hold the learner's last push."""
+        return None
+
+    def behaviour(self, learner_step: int) -> Weights | None:
+        """The weights the engines hold when they lag the learner at `learner_step` (a checkpoint stores them),
+        else None."""
+        return None
+
+    @contextmanager
+    def evaluation_engine(self, learner_step: int) -> Iterator[Generator | None]:
+        """An engine holding the learner's weights (main process; None elsewhere); afterwards the engines hold
+        the behaviour weights again, so evaluation never changes the off-policy regime."""
+        raise NotImplementedError
+        yield
+
+    def finish(self, learner_step: int) -> None:
+        """Training is over: the engines get the final policy (for the final evaluation)."""
+
+    def state_dict(self, learner_step: int) -> dict:
+        """The trainer-state fields of collection (JSON): engine version, rounds, buffer, prompt position."""
+        version = self.engine_version
+        return {"engine_version": learner_step if version is None else version, "rounds": self.rounds,
+                "buffer": self.buffer.state_dict(), "prompts": self.prompts.state_dict()}
+
+    def load_state_dict(self, state: dict, behaviour: Weights | None, learner_step: int) -> int:
+        """Resume: buffer, prompt position and rounds, and the engines get the behaviour weights the checkpoint
+        kept (else the learner's, just restored). Returns the engines' version."""
+        self.rounds = state["rounds"]
+        self.buffer.load_state_dict(state["buffer"])
+        self.prompts.load_state_dict(state["prompts"])
+        weights = behaviour if behaviour is not None else self.weights()
+        version = state["engine_version"] if behaviour is not None else learner_step
+        self._restore(weights, version, behaviour)
+        return version
+
+    def _restore(self, weights: Weights, version: int, behaviour: Weights | None) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sync.close()
+
+
+class ColocatedRollout(Rollout):
+    def __init__(self, cfg, accelerator, model_path: str, train_prompts: list[Prompt], sync: WeightSync,
+                 weights: Callable[[], Weights], scorer: RewardScorer):
+        super().__init__(cfg, accelerator, train_prompts, sync, weights, (accelerator.process_index, accelerator.num_processes), 1)
+        self.scorer = scorer
+        self.keeps_behaviour = cfg.sync.interval > 1
+        self.engine = generator_from_config(cfg, model_path, accelerator.process_index)
+        # A host copy of the weights the engine holds, while it lags the learner (sync.interval > 1): evaluations
+        # and checkpoints need them back (one model's worth of memory). The engine starts on the learner's weights.
+        self.last_pushed: Weights = self._copy(weights())
+
+    def _copy(self, state: Weights) -> Weights:
+        if self.cfg.sync.interval == 1:
+            return {}
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def next_groups(self, learner_step):
+        """Generate rounds with the (possibly stale) engine until enough fresh groups are buffered."""
+        n = self.cfg.learner.groups_per_step
+        metrics: dict[str, float] = {}
+        while self.buffer.available(learner_step) < max(n, self.cfg.buffer.min_groups):
+            t0 = time.perf_counter()
+            groups = self.engine.generate(self.prompts.take(self.cfg.rollout.prompts_per_step), self._spec())
+            metrics["perf/generation_seconds"] = metrics.get("perf/generation_seconds", 0.0) + time.perf_counter() - t0
+            metrics.update(self.scorer.score(groups, learner_step))
+            self.buffer.add(groups)
+        return self.buffer.sample(n, learner_step), metrics
+
+    def push(self, version):
+        state = self.weights()
+        seconds = self.sync.push(state, version, [self.engine])
+        self.last_pushed = self._copy(state)
+        return seconds
+
+    @property
+    def engine_version(self):
+        return self.engine.version
+
+    def behaviour(self, learner_step):
+        return self.last_pushed if self.engine.version != learner_step else None
+
+    @contextmanager
+    def evaluation_engine(self, learner_step):
+        behind = self.engine.version != learner_step
+        if behind:
+            behaviour_version, behaviour = self.engine.version, self.last_pushed  # the engine copies it in: no clone
+            self.sync.push(self.weights(), learner_step, [self.engine])
+        try:
+            yield self.engine if self.acc.is_main_process else None
+        finally:
+            if behind:
+                self.sync.push(behaviour, behaviour_version, [self.engine])
+
+    def finish(self, learner_step):
+        if self.engine.version != learner_step:
+            self.sync.push(self.weights(), learner_step, [self.engine])
+            self.last_pushed = {}
+
+    def _restore(self, weights, version, behaviour):
+        self.sync.push(weights, version, [self.engine])
+        self.last_pushed = behaviour if behaviour is not None else self._copy(self.weights())
+
+    def close(self):
+        self.engine.close()
+        super().close()
+
+
+class AsyncRollout(Rollout):
+    def __init__(self, cfg, accelerator, model_path: str, train_prompts: list[Prompt], sync: WeightSync,
+                 weights: Callable[[], Weights], vocab_size: int):
+        # one prompt stream and one buffer, on the main process, dealing every rank its share
+        super().__init__(cfg, accelerator, train_prompts, sync, weights, (0, 1), accelerator.num_processes)
+        self.model_path = model_path
+        self.main = accelerator.is_main_process
+        self.pool = None
+        if self.main:
+            from asymre.rollout.worker import WorkerPool
+
+            placement = self.placement()
+            ro = cfg.rollout
+            self.pool = WorkerPool(len(placement), generator_from_config, (cfg, model_path, accelerator.process_index), cfg,
+                                   ro.worker_timeout_s, ro.max_worker_restarts, per_worker=placement, vocab_size=vocab_size)
+        self.eval_engine: Generator | None = None  # built on the main process at the first evaluation
+
+    def placement(self) -> list[tuple[dict, dict]]:
+        """(factory kwargs, environment) per worker: a client of each remote server if rollout.server_urls is set
+        (the API key stays in the environment: only its variable's name travels), else rollout.num_workers local
+        engines, each pinned to one of rollout.devices (round robin) when the list is set."""
+        ro = self.cfg.rollout
+        if ro.server_urls:
+            return [({"server_url": url}, {}) for url in ro.server_urls]
+        return [({}, {"CUDA_VISIBLE_DEVICES": str(ro.devices[i % len(ro.devices)])} if ro.devices else {}) for i in range(ro.num_workers)]
+
+    def _collect(self, learner_step: int, need: int) -> dict[str, float]:
+        """Keep every worker busy; wait (with deadlines) until `need` fresh groups are buffered."""
+        metrics: dict[str, float] = {}
+        pool = self.pool
+        while True:
+            while pool.outstanding() < 2 * len(pool.workers):
+                pool.submit(self.prompts.take(self.cfg.rollout.prompts_per_step), self._spec(), learner_step)
+            enough = self.buffer.available(learner_step) >= need
+            for _, groups, m in pool.poll(timeout=0.0 if enough else self.cfg.rollout.worker_timeout_s):
+                self.buffer.add(groups)
+                metrics.update(m)
+            if pool.reward_errors:
+                raise RuntimeError(pool.reward_errors[0])
+            if self.buffer.available(learner_step) >= need:
+                return metrics
+
+    def next_groups(self, learner_step):
+        ranks = self.acc.num_processes
+        n = self.cfg.learner.groups_per_step * ranks
+        everything, metrics = None, {}
+        if self.main:
+            metrics = self._collect(learner_step, max(n, self.cfg.buffer.min_groups))
+            everything = self.buffer.sample(n, learner_step)
+        if ranks > 1:
+            everything = broadcast_object_list([everything])[0]
+        return everything[self.acc.process_index :: ranks], metrics
+
+    def push(self, version):
+        state = self.weights()  # collective under FSDP/DeepSpeed
+        return self.sync.push(state, version, self.pool.handles) if self.main else 0.0
+
+    @contextmanager
+    def evaluation_engine(self, learner_step):
+        state = self.weights()  # gathered on every rank
+        if not self.main:
+            yield None
+            return
+        if self.eval_engine is None:
+            self.eval_engine = generator_from_config(self.cfg, self.model_path, backend="hf")
+        self.eval_engine.load_weights(iter(state.items()), learner_step)
+        yield self.eval_engine
+
+    def _restore(self, weights, version, behaviour):
+        if self.main:
+            self.sync.push(weights, version, self.pool.handles)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+        if self.eval_engine is not None:
+            self.eval_engine.close()
+        super().close()
+
+
+def make_rollout(cfg, accelerator, model_path: str, train_prompts: list[Prompt], sync: WeightSync, weights: Callable[[], Weights],
+                 scorer: RewardScorer, vocab_size: int) -> Rollout:
+    """rollout.mode picks the implementation."""
+    if cfg.rollout.mode == "async":
+        return AsyncRollout(cfg, accelerator, model_path, train_prompts, sync, weights, vocab_size)
+    return ColocatedRollout(cfg, accelerator, model_path, train_prompts, sync, weights, scorer)
