@@ -104,7 +104,7 @@ class Learner:
             uids.append(g.prompt.uid)
             for j, t in scored:
                 refs.append((group_index, j))
-                seqs.append(t.prompt_ids + t.completion_ids)
+                seqs.append(g.prompt_ids + t.completion_ids)
                 comp_lens.append(len(t.completion_ids))
                 rewards.append(float(t.reward))
                 gids.append(gi)

@@ -31,9 +31,9 @@ def _groups(seed: int = 0, n_groups: int = 3, g: int = 4) -> list[TrajectoryGrou
         trajs = []
         for _ in range(g):
             comp = torch.randint(1, 64, (int(torch.randint(1, 7, (1,), generator=rng)),), generator=rng).tolist()
-            trajs.append(Trajectory(prompt, comp, "", "stop", 0, logprobs=[-1.0] * len(comp),
+            trajs.append(Trajectory(comp, "", "stop", logprobs=[-1.0] * len(comp),
                                     reward=float(torch.randint(0, 2, (1,), generator=rng))))
-        out.append(TrajectoryGroup(Prompt(f"p{gi}", [{"role": "user", "content": "q"}]), trajs, 0))
+        out.append(TrajectoryGroup(Prompt(f"p{gi}", [{"role": "user", "content": "q"}]), prompt, trajs, 0))
     return out
 
 
@@ -91,8 +91,8 @@ def test_step_raises_logprob_of_rewarded_completion(tiny_model_path):
     """A rewarded completion's log-prob goes up, an unrewarded one's down (AsymRE, group-mean baseline)."""
     prompt = [5, 6, 7]
     good, bad = [10, 11], [20, 21]
-    trajs = [Trajectory(prompt, good, "", "stop", 0, reward=1.0), Trajectory(prompt, bad, "", "stop", 0, reward=0.0)]
-    groups = [TrajectoryGroup(Prompt("p", [{"role": "user", "content": "q"}]), trajs, 0)]
+    trajs = [Trajectory(good, "", "stop", reward=1.0), Trajectory(bad, "", "stop", reward=0.0)]
+    groups = [TrajectoryGroup(Prompt("p", [{"role": "user", "content": "q"}]), prompt, trajs, 0)]
     learner = _learner(tiny_model_path, **{"learner.lr": 1e-2})
 
     def lp(comp):
@@ -138,8 +138,8 @@ def _hand_groups():
     spec = [(["p0", [3, 4, 5]], [([6, 7], 1.0), ([8], 0.0), ([9, 10, 11], 1.0)]),
             (["p1", [12, 13]], [([14, 15], 0.5)]),
             (["p2", [16, 17, 18, 19]], [([20], 0.0), ([21, 22], 1.0), ([23], None), ([24, 25, 26], 0.0)])]
-    return [TrajectoryGroup(Prompt(uid, [{"role": "user", "content": "q"}]),
-                            [Trajectory(list(pid), comp, "", "stop", 0, reward=r) for comp, r in trajs], 0)
+    return [TrajectoryGroup(Prompt(uid, [{"role": "user", "content": "q"}]), list(pid),
+                            [Trajectory(comp, "", "stop", reward=r) for comp, r in trajs], 0)
             for (uid, pid), trajs in spec]
 
 
@@ -220,14 +220,14 @@ def test_train_step_gradient_is_the_whole_batch_loss_gradient(tiny_model_path, a
     assert metrics["learner/micro_batches"] > 2  # the budget really splits the step
 
     ref = _learner(tiny_model_path, **{"loss.aggregation": aggregation})  # the same initial weights
-    scored = [t for g in groups for t in g.trajectories if t.reward is not None]
+    scored = [(g.prompt_ids, t) for g in groups for t in g.trajectories if t.reward is not None]
     baselines = _expected_baselines(groups, "group_mean", -0.1)
     total = torch.zeros(())
-    for t, v in zip(scored, baselines):
-        seq = torch.tensor([t.prompt_ids + t.completion_ids])
+    for (prompt_ids, t), v in zip(scored, baselines):
+        seq = torch.tensor([prompt_ids + t.completion_ids])
         logp = token_logprobs(ref.model(input_ids=seq).logits[:, :-1], seq[:, 1:])[0, -len(t.completion_ids):]
         total = total - (t.reward - v) * logp.sum()
-    n = len(scored) if aggregation == "seq_mean" else sum(len(t.completion_ids) for t in scored)
+    n = len(scored) if aggregation == "seq_mean" else sum(len(t.completion_ids) for _, t in scored)
     (total / n).backward()
     want = [p.grad for p in ref.model.parameters()]
     assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(captured["grads"], want))
