@@ -16,19 +16,25 @@ import math
 import torch
 
 
+def _group_sums(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's sum of `values` and its sample count (in `values`' dtype).
+    values [B] float, group_ids [B] long in 0..n_groups-1 -> ([n], [n])."""
+    n = int(group_ids.max().item()) + 1 if group_ids.numel() else 0
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, group_ids, values)  # [n]
+    counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, group_ids, torch.ones_like(values))  # [n]
+    return sums, counts
+
+
 def group_mean(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """Mean reward of each sample's group. rewards [B] float, group_ids [B] long in 0..n_groups-1 -> [B]."""
-    n = int(group_ids.max().item()) + 1 if group_ids.numel() else 0
-    sums = torch.zeros(n, dtype=rewards.dtype, device=rewards.device).index_add_(0, group_ids, rewards)  # [n]
-    counts = torch.zeros(n, dtype=rewards.dtype, device=rewards.device).index_add_(0, group_ids, torch.ones_like(rewards))  # [n]
+    sums, counts = _group_sums(rewards, group_ids)  # [n], [n]
     return (sums / counts)[group_ids]  # [B]
 
 
 def leave_one_out_mean(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """Mean reward of the *other* samples of each sample's group; singletons fall back to their own reward. -> [B]"""
-    n = int(group_ids.max().item()) + 1 if group_ids.numel() else 0
-    sums = torch.zeros(n, dtype=rewards.dtype, device=rewards.device).index_add_(0, group_ids, rewards)[group_ids]  # [B]
-    counts = torch.zeros(n, dtype=rewards.dtype, device=rewards.device).index_add_(0, group_ids, torch.ones_like(rewards))[group_ids]  # [B]
+    sums, counts = _group_sums(rewards, group_ids)  # [n], [n]
+    sums, counts = sums[group_ids], counts[group_ids]  # [B], [B]
     loo = (sums - rewards) / (counts - 1).clamp(min=1)  # [B]
     return torch.where(counts > 1, loo, rewards)  # [B]
 

@@ -96,9 +96,6 @@ class ReplayBuffer:
             out[f"buffer/{k}"] = float(v)
         return out
 
-    def staleness_histogram(self, learner_version: int) -> dict[int, int]:
-        return dict(sorted(Counter(self.staleness(learner_version)).items()))
-
     def state_dict(self) -> dict[str, Any]:
         return {"groups": [g.to_dict() for g in self.groups], "counts": dict(self.counts), "rng": self.rng.getstate(),
                 "capacity": self.capacity, "max_staleness": self.max_staleness, "sampling": self.sampling, "max_reuse": self.max_reuse}

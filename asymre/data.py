@@ -24,43 +24,40 @@ class Prompt:
 
 @dataclass
 class Trajectory:
-    """One sampled completion of a prompt, tagged with the policy version that produced it."""
+    """One sampled completion of its group's prompt (the prompt's token ids and the policy version that
+    sampled it are the group's)."""
 
-    prompt_ids: list[int]
     completion_ids: list[int]
     text: str
     finish_reason: str  # "stop" or "length"
-    version: int  # behaviour policy version (learner step of the weights the engine held)
     logprobs: list[float] | None = None  # behaviour log-probs of completion tokens, when the engine gives them
     reward: float | None = None  # None until scored, or when every reward function abstained/failed
     extras: dict[str, Any] = field(default_factory=dict)  # columns a reward logged for this sample (TRL's log_extra)
     scores: dict[str, float | None] = field(default_factory=dict)  # each reward function's value, before weights
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.completion_ids)
-
 
 @dataclass
 class TrajectoryGroup:
-    """The G samples of one prompt. They stay together: the baseline is computed within the group."""
+    """The G samples of one prompt, drawn together by one engine: they share the prompt's token ids and the
+    behaviour policy version, stored once here. They stay together: the baseline is computed within the group."""
 
     prompt: Prompt
+    prompt_ids: list[int]  # the prompt's token ids every trajectory continues (chat template applied, truncated)
     trajectories: list[Trajectory]
-    version: int  # behaviour version of every trajectory in the group
+    version: int  # behaviour policy version (learner step of the weights the engine held) of every trajectory
     uses: int = 0  # times the learner has trained on this group
-
-    @property
-    def rewards(self) -> list[float | None]:
-        return [t.reward for t in self.trajectories]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "TrajectoryGroup":
+        if "prompt_ids" not in d:
+            raise ValueError("a trajectory group saved in the old format (prompt ids and version per trajectory) "
+                             "cannot be loaded: start a fresh run")
         return TrajectoryGroup(
             prompt=Prompt(**d["prompt"]),
+            prompt_ids=d["prompt_ids"],
             trajectories=[Trajectory(**t) for t in d["trajectories"]],
             version=d["version"],
             uses=d.get("uses", 0),

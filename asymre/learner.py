@@ -1,9 +1,9 @@
 """The learner: an Accelerate-prepared model and optimiser that trains on scored trajectory groups.
 
 DDP, FSDP or DeepSpeed come from the accelerate config file, never from this code. A step computes the
-baseline over the whole step batch, then runs length-bucketed micro-batches (sequences sorted by
-length, packed up to `learner.micro_batch_tokens` padded tokens) with gradient accumulation, clips,
-and steps. Sequences are left-padded with explicit position ids, so only the last
+advantages over the whole step batch (asymre/advantages.py), then runs length-bucketed micro-batches
+(sequences sorted by length, packed up to `learner.micro_batch_tokens` padded tokens) with gradient
+accumulation, clips, and steps. Sequences are left-padded with explicit position ids, so only the last
 `max completion length + 1` positions go through the LM head (`logits_to_keep`): prompt logits are
 never computed. Alternative left out: padding-free packing, which needs flash-attention kernels.
 """
@@ -17,28 +17,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from asymre.baselines import RunningBaseline, compute_baseline, delta_v_at
+from asymre.advantages import ADVANTAGES
+from asymre.baselines import RunningBaseline
 from asymre.config import Config
 from asymre.data import TrajectoryGroup
-from asymre.loss import asymre_loss, grpo_advantages, grpo_loss, reinforce_loss, token_logprobs
+from asymre.loss import LOSSES, NEEDS_BEHAVIOUR_LOGPROBS, token_logprobs
 from asymre.models import load_model
 
 
 @dataclass
 class StepBatch:
-    """A step's trajectories flattened, with per-sample targets computed over the whole step."""
+    """A step's trajectories flattened, with per-sample advantages computed over the whole step."""
 
     seqs: list[list[int]]  # prompt + completion ids
     completion_lens: list[int]
     rewards: torch.Tensor  # [B]
-    targets: torch.Tensor  # [B] baseline V (asymre) or advantage (grpo)
-    old_logps: list[list[float]] | None  # behaviour log-probs (grpo)
+    advantages: torch.Tensor  # [B] what multiplies log pi(y|x): r - V (asymre), GRPO's advantage, or r (reinforce)
+    baseline: torch.Tensor | None  # [B] the V in r - V (0 for reinforce), for loss/baseline_mean; None for grpo
+    old_logps: list[list[float]] | None  # behaviour log-probs (losses in NEEDS_BEHAVIOUR_LOGPROBS)
     refs: list[tuple[int, int]] = field(default_factory=list)  # (group index, trajectory index) of each sample
-    kind: str = "asymre"  # loss.name
-
-    @property
-    def advantages(self) -> torch.Tensor:  # [B] what multiplies log pi(y|x): r - V, GRPO's advantage, or r
-        return self.rewards - self.targets if self.kind == "asymre" else (self.targets if self.kind == "grpo" else self.rewards)
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +82,8 @@ class Learner:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        if cfg.loss.name not in LOSSES or cfg.loss.name not in ADVANTAGES:
+            raise ValueError(f"unknown loss.name {cfg.loss.name!r}; expected one of {sorted(LOSSES)}")
         lc = cfg.learner
         optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(lc.lr_schedule, lc.warmup_steps, lc.steps))
@@ -95,9 +94,9 @@ class Learner:
         self.pad_id = next((i for i in ids if i is not None), 0)
         self.running = RunningBaseline(cfg.loss.running_momentum)
         self.step = 0  # learner version: the number of optimiser steps taken
-        self.last_batch: StepBatch | None = None  # the last step's samples, targets and advantages (completions log)
+        self.last_batch: StepBatch | None = None  # the last step's samples and advantages (completions log)
 
-    # ---- targets over the whole step -------------------------------------------------------------
+    # ---- advantages over the whole step ----------------------------------------------------------
     def build_batch(self, groups: list[TrajectoryGroup]) -> StepBatch:
         seqs, comp_lens, rewards, gids, old, uids, refs = [], [], [], [], [], [], []
         for group_index, g in enumerate(groups):
@@ -108,7 +107,7 @@ class Learner:
             uids.append(g.prompt.uid)
             for j, t in scored:
                 refs.append((group_index, j))
-                seqs.append(t.prompt_ids + t.completion_ids)
+                seqs.append(g.prompt_ids + t.completion_ids)
                 comp_lens.append(len(t.completion_ids))
                 rewards.append(float(t.reward))
                 gids.append(gi)
@@ -118,16 +117,11 @@ class Learner:
         r = torch.tensor(rewards, dtype=torch.float32)  # [B]
         g = torch.tensor(gids, dtype=torch.long)  # [B]
         lc = self.cfg.loss
-        if lc.name == "asymre":
-            dv = delta_v_at(self.step, lc.delta_v, lc.delta_v_final, lc.delta_v_steps)
-            targets = compute_baseline(lc.baseline, r, g, dv, lc.constant_v, self.running, uids)  # [B]
-        elif lc.name == "grpo":
-            if any(x is None for x in old):
-                raise ValueError("loss.name=grpo needs behaviour log-probs, but the generation backend returned none")
-            targets = grpo_advantages(r, g)  # [B]
-        else:
-            targets = torch.zeros_like(r)
-        return StepBatch(seqs, comp_lens, r, targets, old if lc.name == "grpo" else None, refs, lc.name)
+        needs_old = lc.name in NEEDS_BEHAVIOUR_LOGPROBS
+        if needs_old and any(x is None for x in old):
+            raise ValueError(f"loss.name={lc.name} needs behaviour log-probs, but the generation backend returned none")
+        a = ADVANTAGES[lc.name](lc, r, g, self.step, self.running, uids)  # [B] advantages, [B] baseline or None
+        return StepBatch(seqs, comp_lens, r, a.advantages, a.baseline, old if needs_old else None, refs)
 
     # ---- one optimiser step ----------------------------------------------------------------------
     def _collate(self, batch: StepBatch, idx: list[int]):
@@ -164,14 +158,9 @@ class Learner:
             entropy = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
         sel = torch.tensor(idx)
         lc = self.cfg.loss
-        r = batch.rewards[sel].to(logp.device)  # [b]
-        tgt = batch.targets[sel].to(logp.device)  # [b]
-        if lc.name == "asymre":
-            loss, m = asymre_loss(logp, mask, r, tgt, lc.aggregation, normalizer)
-        elif lc.name == "grpo":
-            loss, m = grpo_loss(logp, old, mask, tgt, lc.clip_eps, lc.aggregation, normalizer)
-        else:
-            loss, m = reinforce_loss(logp, mask, r, lc.aggregation, normalizer)
+        adv = batch.advantages[sel].to(logp.device)  # [b]
+        base = batch.baseline[sel].to(logp.device) if batch.baseline is not None else None  # [b]
+        loss, m = LOSSES[lc.name](logp, mask, adv, base, old, clip_eps=lc.clip_eps, aggregation=lc.aggregation, normalizer=normalizer)
         m["loss/entropy"] = entropy
         return loss, m
 

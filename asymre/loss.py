@@ -8,6 +8,10 @@ through which samples were drawn. Lowering V puts weight on successes; V >= V^mu
 Comparison losses for the paper's experiments: GRPO (group-normalised advantage, PPO-style clipped
 ratio pi/mu, needs behaviour log-probs) and plain REINFORCE (V = 0).
 
+Each loss takes the per-sample advantages A (what multiplies log pi(y|x)) ready-made: asymre/advantages.py
+computes them over the whole step (r - V, GRPO's normalised advantage, or r). `LOSSES` maps `loss.name`
+to each loss under one signature, so the learner makes one call whatever the loss.
+
 Aggregation: 'seq_mean' (default; the paper's maths) sums token terms per sequence and averages over
 sequences; 'token_mean' (Trinity-RFT style) averages over all completion tokens. For micro-batching,
 pass `normalizer` = the whole step's sequence count (seq_mean) or token count (token_mean) so that
@@ -15,6 +19,8 @@ summing micro-batch losses gives the full-batch loss exactly.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -56,7 +62,7 @@ def _advantage_metrics(adv: torch.Tensor, seq_logp: torch.Tensor, prefix: str) -
 def asymre_loss(
     logp: torch.Tensor,
     mask: torch.Tensor,
-    rewards: torch.Tensor,
+    advantages: torch.Tensor,
     baseline: torch.Tensor,
     aggregation: str = "seq_mean",
     normalizer: float | None = None,
@@ -64,10 +70,11 @@ def asymre_loss(
     """Asymmetric REINFORCE:  loss = -(r - V) * log pi(y|x).
 
     logp [B, T] token log-probs under the current policy; mask [B, T] 1 on completion tokens, 0 on
-    prompt and padding; rewards [B]; baseline V [B] (already including delta_V).
+    prompt and padding; advantages [B] = r - V (asymre.advantages.asymre_advantages); baseline V [B]
+    (already including delta_V), reported as loss/baseline_mean.
     """
     mask = mask.to(logp.dtype)  # [B, T]
-    adv = (rewards - baseline).detach().to(logp.dtype)  # [B]
+    adv = advantages.detach().to(logp.dtype)  # [B]
     per_token = -adv[:, None] * logp  # [B, T]
     loss = _aggregate(per_token, mask, aggregation, normalizer)
     seq_logp = (logp.detach() * mask).sum(-1)  # [B]
@@ -79,7 +86,7 @@ def asymre_loss(
 def reinforce_loss(
     logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, aggregation: str = "seq_mean", normalizer: float | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Plain REINFORCE: AsymRE with V = 0.  logp [B, T], mask [B, T], rewards [B]."""
+    """Plain REINFORCE: AsymRE with V = 0, so the advantage is r.  logp [B, T], mask [B, T], rewards [B]."""
     return asymre_loss(logp, mask, rewards, torch.zeros_like(rewards), aggregation, normalizer)
 
 
@@ -114,8 +121,22 @@ def grpo_loss(
     return loss, metrics
 
 
-def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """(r - group mean) / (group std + eps). rewards [B], group_ids [B] -> [B]."""
-    from asymre.baselines import group_mean, group_std
+class Loss(Protocol):
+    """A `LOSSES` entry: logp [B, T], mask [B, T], advantages [B], baseline V [B] or None, behaviour token
+    log-probs old_logp [B, T] or None -> (scalar loss, metrics). Each entry reads what its loss needs."""
 
-    return (rewards - group_mean(rewards, group_ids)) / (group_std(rewards, group_ids) + eps)  # [B]
+    def __call__(self, logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, baseline: torch.Tensor | None,
+                 old_logp: torch.Tensor | None, *, clip_eps: float, aggregation: str,
+                 normalizer: float | None) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+LOSSES: dict[str, Loss] = {
+    "asymre": lambda logp, mask, advantages, baseline, old_logp, *, clip_eps, aggregation, normalizer: asymre_loss(
+        logp, mask, advantages, baseline, aggregation, normalizer),
+    "grpo": lambda logp, mask, advantages, baseline, old_logp, *, clip_eps, aggregation, normalizer: grpo_loss(
+        logp, old_logp, mask, advantages, clip_eps, aggregation, normalizer),
+    "reinforce": lambda logp, mask, advantages, baseline, old_logp, *, clip_eps, aggregation, normalizer: reinforce_loss(
+        logp, mask, advantages, aggregation, normalizer),  # advantages = r
+}
+
+NEEDS_BEHAVIOUR_LOGPROBS = frozenset({"grpo"})  # the losses whose ratio pi/mu needs the engine's token log-probs

@@ -36,7 +36,7 @@ def bare_step(model, opt, groups, pad_id) -> tuple[float, int]:
     seqs, comp = [], []
     for g in groups:
         for t in g.trajectories:
-            seqs.append(t.prompt_ids + t.completion_ids)
+            seqs.append(g.prompt_ids + t.completion_ids)
             comp.append(len(t.completion_ids))
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id)

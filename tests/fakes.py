@@ -36,8 +36,8 @@ class SlowGenerator:
             for _ in range(spec.n):
                 ans = p.columns["answer"] if self.rng.random() < 0.5 else str(self.rng.randint(0, 20))
                 comp = self.tokenizer(ans, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-                trajs.append(Trajectory(pid, comp, ans, "stop", self.version, logprobs=[-1.0] * len(comp)))
-            groups.append(TrajectoryGroup(p, trajs, self.version))
+                trajs.append(Trajectory(comp, ans, "stop", logprobs=[-1.0] * len(comp)))
+            groups.append(TrajectoryGroup(p, pid, trajs, self.version))
         if self.log:
             with open(self.log, "a") as f:
                 f.write(json.dumps({"start": t0, "end": time.time(), "version": self.version, "pid": os.getpid()}) + "\n")
@@ -86,8 +86,8 @@ class ReplyGenerator(SlowGenerator):
         for p, pid in zip(prompts, encode_prompts(self.tokenizer, prompts, 128)):
             replies = p.columns["replies"]
             texts = [replies[i % len(replies)] for i in range(spec.n)]
-            trajs = [Trajectory(pid, self.tokenizer(t, add_special_tokens=False)["input_ids"], t, "stop", self.version) for t in texts]
-            groups.append(TrajectoryGroup(p, trajs, self.version))
+            trajs = [Trajectory(self.tokenizer(t, add_special_tokens=False)["input_ids"], t, "stop") for t in texts]
+            groups.append(TrajectoryGroup(p, pid, trajs, self.version))
         return groups
 
 

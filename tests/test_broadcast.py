@@ -114,20 +114,20 @@ def test_broadcast_reaches_the_vllm_engine_in_a_worker_process(model_path):
         results = pool.poll(timeout=300)
     finally:
         pool.close()
-    trajs = [t for _, groups, _ in results for grp in groups for t in grp.trajectories]
-    assert len(trajs) == 4 and all(t.version == 5 for t in trajs)
+    trajs = [(grp.prompt_ids, t) for _, groups, _ in results for grp in groups for t in grp.trajectories]
+    assert len(trajs) == 4 and all(grp.version == 5 for _, groups, _ in results for grp in groups)
 
-    def teacher_forced(state, t):
+    def teacher_forced(state, prompt_ids, t):
         model.load_state_dict(state)
-        seq = torch.tensor([t.prompt_ids + t.completion_ids])
+        seq = torch.tensor([prompt_ids + t.completion_ids])
         with torch.no_grad():
             return token_logprobs(model(input_ids=seq).logits[:, :-1], seq[:, 1:])[0, -len(t.completion_ids):]
 
     pushed = {k: v.clone() for k, v in model.state_dict().items()}
-    for t in trajs:
+    for pid, t in trajs:
         engine = torch.tensor(t.logprobs)
-        assert torch.allclose(engine, teacher_forced(pushed, t), atol=1e-3)
-    assert max((torch.tensor(t.logprobs) - teacher_forced(original, t)).abs().max().item() for t in trajs) > 0.05
+        assert torch.allclose(engine, teacher_forced(pushed, pid, t), atol=1e-3)
+    assert max((torch.tensor(t.logprobs) - teacher_forced(original, pid, t)).abs().max().item() for pid, t in trajs) > 0.05
 
 
 @pytest.mark.slow

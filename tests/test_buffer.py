@@ -1,15 +1,18 @@
 """Replay buffer: staleness, eviction past max_staleness, FIFO-once and reuse sampling, save/restore."""
 
 import json
+from collections import Counter
+
+import pytest
 
 from asymre.buffer import ReplayBuffer
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 
 
 def _group(version: int, uid: str = "p", reward: float = 1.0) -> TrajectoryGroup:
-    t = Trajectory(prompt_ids=[1, 2], completion_ids=[3, 4], text="x", finish_reason="stop", version=version, reward=reward)
+    t = Trajectory(completion_ids=[3, 4], text="x", finish_reason="stop", reward=reward)
     return TrajectoryGroup(prompt=Prompt(uid=uid, messages=[{"role": "user", "content": "q"}], columns={"answer": "1"}),
-                           trajectories=[t, t], version=version)
+                           prompt_ids=[1, 2], trajectories=[t, t], version=version)
 
 
 def test_fifo_once_oldest_first():
@@ -60,7 +63,7 @@ def test_stats_and_histogram():
     b.add([_group(1), _group(1), _group(3)])
     s = b.stats(4)
     assert s["buffer/groups"] == 3 and s["buffer/staleness_mean"] == (3 + 3 + 1) / 3 and s["buffer/staleness_max"] == 3
-    assert b.staleness_histogram(4) == {1: 1, 3: 2}
+    assert dict(Counter(b.staleness(4))) == {1: 1, 3: 2}
 
 
 def test_state_round_trip_through_json():
@@ -72,6 +75,20 @@ def test_state_round_trip_through_json():
     c.load_state_dict(state)
     assert [g.to_dict() for g in c.groups] == [g.to_dict() for g in b.groups]
     assert [g.prompt.uid for g in c.sample(2, 4)] == [g.prompt.uid for g in b.sample(2, 4)]  # same RNG stream
+
+
+def test_group_json_stores_prompt_ids_and_version_once():
+    """A checkpoint holds each group's prompt token ids and behaviour version once, not once per sample."""
+    g = _group(3, reward=0.5)
+    d = json.loads(json.dumps(g.to_dict()))
+    assert d["prompt_ids"] == [1, 2] and d["version"] == 3 and d["uses"] == 0
+    assert all(set(t) == {"completion_ids", "text", "finish_reason", "logprobs", "reward", "extras", "scores"}
+               for t in d["trajectories"])
+    assert TrajectoryGroup.from_dict(d) == g
+    old = {k: v for k, v in d.items() if k != "prompt_ids"}
+    old["trajectories"] = [{**t, "prompt_ids": [1, 2], "version": 3} for t in d["trajectories"]]
+    with pytest.raises(ValueError, match="old format"):
+        TrajectoryGroup.from_dict(old)
 
 
 def test_group_without_any_scored_sample_is_not_buffered():

@@ -161,9 +161,24 @@ def test_prompt_ids_the_engine_sees(tmp_path, model_path, template, kwargs):
     else:
         expected = tok.apply_chat_template(_conv("What is 2+2?", system="Be brief."), add_generation_prompt=True, tokenize=True,
                                            return_dict=False, **kwargs)
-    assert group.trajectories[0].prompt_ids == list(expected)
+    assert group.prompt_ids == list(expected)
     if template == "thinking":
         assert tok.decode(expected).endswith("<|im_start|>assistant\n<think></think>")
+
+
+def test_each_group_carries_its_own_prompt_ids(model_path):
+    """The hf backend's groups (over several generate calls) each hold their own prompt's token ids, once."""
+    from asymre.rollout import make_generator
+    from asymre.rollout.base import SamplingSpec, encode_prompts
+
+    train, _ = build_task(load_config("recipes/configs/smollm2_arithmetic_cpu.yaml").task)
+    gen = make_generator("hf", model_path, max_prompt_tokens=128)
+    gen.batch_size = 4  # two prompts of G = 2 per generate call: calls of 2 and 1 prompts
+    groups = gen.generate(train[:3], SamplingSpec(n=2, temperature=1.0, max_new_tokens=1, seed=0))
+    want = encode_prompts(gen.tokenizer, train[:3], 128)
+    assert [g.prompt.uid for g in groups] == [p.uid for p in train[:3]]
+    assert [g.prompt_ids for g in groups] == want and len({tuple(x) for x in want}) == 3
+    assert all(len(g.trajectories) == 2 for g in groups)
 
 
 def test_generation_kwargs_reach_transformers_generate(model_path):

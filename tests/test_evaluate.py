@@ -15,6 +15,7 @@ from asymre.rewards import RewardScorer
 from asymre.rollout.base import SamplingSpec
 from asymre.tasks import build_task
 from asymre.tracking import read_metrics
+from tests.helpers import rewards_of
 from tests.recipe_utils import run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,8 +38,8 @@ class _Scripted:
 
     def generate(self, prompts, spec):
         self.specs.append(spec)
-        return [TrajectoryGroup(p, [Trajectory([1], [2], p.columns["answer"] if i < self.right else "-1", "stop", 0)
-                                    for i in range(spec.n)], 0) for p in prompts]
+        return [TrajectoryGroup(p, [1], [Trajectory([2], p.columns["answer"] if i < self.right else "-1", "stop")
+                                         for i in range(spec.n)], 0) for p in prompts]
 
 
 def test_evaluate_presets_and_pass_at_k():
@@ -84,8 +85,8 @@ def test_custom_reward_example_functions():
     scorer = RewardScorer(["examples.custom_reward:concise_correct", "examples.custom_reward:trl_accuracy_reward"], [1.0, 0.5])
     _, prompts = build_task(load_config(None, ["task.eval_size=1"]).task)
     ans = prompts[0].columns["answer"]
-    g = TrajectoryGroup(prompts[0], [Trajectory([1], [2], t, "stop", 0) for t in (ans, f"The answer to this is {ans}", "no")], 0)
+    g = TrajectoryGroup(prompts[0], [1], [Trajectory([2], t, "stop") for t in (ans, f"The answer to this is {ans}", "no")], 0)
     scorer.score([g])
-    assert g.rewards[0] == pytest.approx(1.5) and g.rewards[1] == pytest.approx(1.5 - 0.01 * (len(f"The answer to this is {ans}") - 12))
-    assert g.rewards[2] == 0.0
+    assert rewards_of(g)[0] == pytest.approx(1.5) and rewards_of(g)[1] == pytest.approx(1.5 - 0.01 * (len(f"The answer to this is {ans}") - 12))
+    assert rewards_of(g)[2] == 0.0
     assert "reward.funcs=[examples.custom_reward:concise_correct,examples.custom_reward:trl_accuracy_reward]" in ex.OVERRIDES

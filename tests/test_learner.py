@@ -31,9 +31,9 @@ def _groups(seed: int = 0, n_groups: int = 3, g: int = 4) -> list[TrajectoryGrou
         trajs = []
         for _ in range(g):
             comp = torch.randint(1, 64, (int(torch.randint(1, 7, (1,), generator=rng)),), generator=rng).tolist()
-            trajs.append(Trajectory(prompt, comp, "", "stop", 0, logprobs=[-1.0] * len(comp),
+            trajs.append(Trajectory(comp, "", "stop", logprobs=[-1.0] * len(comp),
                                     reward=float(torch.randint(0, 2, (1,), generator=rng))))
-        out.append(TrajectoryGroup(Prompt(f"p{gi}", [{"role": "user", "content": "q"}]), trajs, 0))
+        out.append(TrajectoryGroup(Prompt(f"p{gi}", [{"role": "user", "content": "q"}]), prompt, trajs, 0))
     return out
 
 
@@ -91,8 +91,8 @@ def test_step_raises_logprob_of_rewarded_completion(tiny_model_path):
     """A rewarded completion's log-prob goes up, an unrewarded one's down (AsymRE, group-mean baseline)."""
     prompt = [5, 6, 7]
     good, bad = [10, 11], [20, 21]
-    trajs = [Trajectory(prompt, good, "", "stop", 0, reward=1.0), Trajectory(prompt, bad, "", "stop", 0, reward=0.0)]
-    groups = [TrajectoryGroup(Prompt("p", [{"role": "user", "content": "q"}]), trajs, 0)]
+    trajs = [Trajectory(good, "", "stop", reward=1.0), Trajectory(bad, "", "stop", reward=0.0)]
+    groups = [TrajectoryGroup(Prompt("p", [{"role": "user", "content": "q"}]), prompt, trajs, 0)]
     learner = _learner(tiny_model_path, **{"learner.lr": 1e-2})
 
     def lp(comp):
@@ -105,6 +105,7 @@ def test_step_raises_logprob_of_rewarded_completion(tiny_model_path):
     after = lp(good), lp(bad)
     assert after[0] > before[0] and after[1] < before[1]
     assert learner.step == 1 and m["loss/frac_positive"] == 0.5 and m["learner/trajectories"] == 2
+    assert m["loss/baseline_mean"] == pytest.approx(0.5 - 0.1)  # V = group mean + delta_V
 
 
 def test_dropped_samples_are_skipped_and_all_dropped_is_an_error(tiny_model_path):
@@ -129,7 +130,7 @@ def test_grpo_without_behaviour_logprobs_is_an_error(tiny_model_path):
         learner.build_batch(groups)
 
 
-# ---- the learner's targets and its step's gradient, written out by hand (mutations: delta_V sign, one group
+# ---- the learner's baselines and its step's gradient, written out by hand (mutations: delta_V sign, one group
 # ---- for the whole step, no normaliser in train_step) ------------------------------------------------------
 
 def _hand_groups():
@@ -137,12 +138,12 @@ def _hand_groups():
     spec = [(["p0", [3, 4, 5]], [([6, 7], 1.0), ([8], 0.0), ([9, 10, 11], 1.0)]),
             (["p1", [12, 13]], [([14, 15], 0.5)]),
             (["p2", [16, 17, 18, 19]], [([20], 0.0), ([21, 22], 1.0), ([23], None), ([24, 25, 26], 0.0)])]
-    return [TrajectoryGroup(Prompt(uid, [{"role": "user", "content": "q"}]),
-                            [Trajectory(list(pid), comp, "", "stop", 0, reward=r) for comp, r in trajs], 0)
+    return [TrajectoryGroup(Prompt(uid, [{"role": "user", "content": "q"}]), list(pid),
+                            [Trajectory(comp, "", "stop", reward=r) for comp, r in trajs], 0)
             for (uid, pid), trajs in spec]
 
 
-def _expected_targets(groups, baseline: str, dv: float, constant: float = 0.3) -> list[float]:
+def _expected_baselines(groups, baseline: str, dv: float, constant: float = 0.3) -> list[float]:
     out = []
     for g in groups:
         rs = [t.reward for t in g.trajectories if t.reward is not None]
@@ -156,15 +157,47 @@ def _expected_targets(groups, baseline: str, dv: float, constant: float = 0.3) -
 
 @pytest.mark.parametrize("baseline", ["group_mean", "leave_one_out", "constant"])
 @pytest.mark.parametrize("dv", [-0.1, 0.2])
-def test_step_targets_written_out_by_hand(tiny_model_path, baseline, dv):
+def test_step_baselines_written_out_by_hand(tiny_model_path, baseline, dv):
     """V per sample = the baseline of its own group (never the whole step's) + delta_V with its sign."""
     learner = _learner(tiny_model_path, **{"loss.baseline": baseline, "loss.delta_v": dv, "loss.constant_v": 0.3})
     groups = _hand_groups()
     batch = learner.build_batch(groups)
     assert batch.refs == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 1), (2, 3)]
     assert batch.rewards.tolist() == [1.0, 0.0, 1.0, 0.5, 0.0, 1.0, 0.0]
-    assert batch.targets.tolist() == pytest.approx(_expected_targets(groups, baseline, dv))
-    assert batch.advantages.tolist() == pytest.approx([r - v for r, v in zip(batch.rewards.tolist(), _expected_targets(groups, baseline, dv))])
+    assert batch.baseline.tolist() == pytest.approx(_expected_baselines(groups, baseline, dv))
+    assert batch.advantages.tolist() == pytest.approx([r - v for r, v in zip(batch.rewards.tolist(), _expected_baselines(groups, baseline, dv))])
+
+
+def test_step_advantages_of_grpo_and_reinforce_written_out_by_hand(tiny_model_path):
+    """GRPO: (r - group mean) / (group std + 1e-4) within each group, no baseline logged; REINFORCE: A = r, V = 0."""
+    groups = _hand_groups()
+    grpo = _learner(tiny_model_path, **{"loss.name": "grpo"})
+    for g in groups:
+        for t in g.trajectories:
+            t.logprobs = [-1.0] * len(t.completion_ids)
+    batch = grpo.build_batch(groups)
+    want = []
+    for g in groups:
+        rs = [t.reward for t in g.trajectories if t.reward is not None]
+        mean = sum(rs) / len(rs)
+        std = (sum((r - mean) ** 2 for r in rs) / len(rs)) ** 0.5
+        want += [(r - mean) / (std + 1e-4) for r in rs]
+    assert batch.advantages.tolist() == pytest.approx(want) and batch.baseline is None and batch.old_logps is not None
+    m = grpo.train_step(groups)
+    assert "loss/baseline_mean" not in m and "loss/clip_frac" in m
+    reinforce = _learner(tiny_model_path, **{"loss.name": "reinforce"})
+    batch = reinforce.build_batch(groups)
+    assert batch.advantages.tolist() == batch.rewards.tolist() == [1.0, 0.0, 1.0, 0.5, 0.0, 1.0, 0.0]
+    assert batch.baseline.tolist() == [0.0] * 7 and batch.old_logps is None
+    m = reinforce.train_step(groups)
+    assert m["loss/baseline_mean"] == 0.0 and m["loss/advantage_mean"] == pytest.approx(3.5 / 7) and "loss/clip_frac" not in m
+
+
+def test_unknown_loss_name_is_an_error_at_start(tiny_model_path):
+    cfg = load_config(None, [])
+    cfg.loss.name = "ppo"  # past config validation, which refuses it too
+    with pytest.raises(ValueError, match="unknown loss.name 'ppo'"):
+        Learner(cfg, tiny_model_path, Accelerator(cpu=True))
 
 
 @pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean"])
@@ -187,14 +220,14 @@ def test_train_step_gradient_is_the_whole_batch_loss_gradient(tiny_model_path, a
     assert metrics["learner/micro_batches"] > 2  # the budget really splits the step
 
     ref = _learner(tiny_model_path, **{"loss.aggregation": aggregation})  # the same initial weights
-    scored = [t for g in groups for t in g.trajectories if t.reward is not None]
-    targets = _expected_targets(groups, "group_mean", -0.1)
+    scored = [(g.prompt_ids, t) for g in groups for t in g.trajectories if t.reward is not None]
+    baselines = _expected_baselines(groups, "group_mean", -0.1)
     total = torch.zeros(())
-    for t, v in zip(scored, targets):
-        seq = torch.tensor([t.prompt_ids + t.completion_ids])
+    for (prompt_ids, t), v in zip(scored, baselines):
+        seq = torch.tensor([prompt_ids + t.completion_ids])
         logp = token_logprobs(ref.model(input_ids=seq).logits[:, :-1], seq[:, 1:])[0, -len(t.completion_ids):]
         total = total - (t.reward - v) * logp.sum()
-    n = len(scored) if aggregation == "seq_mean" else sum(len(t.completion_ids) for t in scored)
+    n = len(scored) if aggregation == "seq_mean" else sum(len(t.completion_ids) for _, t in scored)
     (total / n).backward()
     want = [p.grad for p in ref.model.parameters()]
     assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(captured["grads"], want))

@@ -24,6 +24,16 @@ def engine(vllm_engine):
     return lend_engine(vllm_engine)
 
 
+def _engine_logprobs(engine, prompt_ids, completion_ids) -> list[float]:
+    """The vLLM engine's log-probs of a given completion (teacher-forced, via prompt log-probs)."""
+    from vllm import SamplingParams
+
+    seq = prompt_ids + completion_ids
+    out = engine.llm.generate([{"prompt_token_ids": seq}], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
+                              use_tqdm=False)[0]
+    return [out.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt_ids), len(seq))]
+
+
 def _learner_logprobs(learner, prompt_ids, completion_ids):
     seq = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
@@ -38,7 +48,8 @@ def test_vllm_generate_buffer_learn_push(engine, model_path, tmp_path):
     spec = SamplingSpec(n=4, temperature=1.0, max_new_tokens=12, seed=0, logprobs=True)
     groups = engine.generate(train[:4], spec)
     assert len(groups) == 4 and all(len(g.trajectories) == 4 for g in groups)
-    assert all(t.version == 0 and t.completion_ids and len(t.logprobs) == len(t.completion_ids) for g in groups for t in g.trajectories)
+    assert all(g.version == 0 for g in groups)
+    assert all(t.completion_ids and len(t.logprobs) == len(t.completion_ids) for g in groups for t in g.trajectories)
     stops = [t for g in groups for t in g.trajectories if t.finish_reason == "stop"]
     assert all(t.completion_ids[-1] == engine.tokenizer.eos_token_id for t in stops)  # EOS kept: the policy learns to stop
 
@@ -50,32 +61,32 @@ def test_vllm_generate_buffer_learn_push(engine, model_path, tmp_path):
     batch = buffer.sample(4, learner_version=0)
 
     learner = Learner(cfg, model_path, Accelerator(cpu=True), engine.tokenizer)
-    fixed = batch[0].trajectories[0]
-    before_engine = torch.tensor(engine.logprobs_of(fixed.prompt_ids, fixed.completion_ids))
-    before_learner = _learner_logprobs(learner, fixed.prompt_ids, fixed.completion_ids)
+    prompt_ids, fixed = batch[0].prompt_ids, batch[0].trajectories[0]
+    before_engine = torch.tensor(_engine_logprobs(engine, prompt_ids, fixed.completion_ids))
+    before_learner = _learner_logprobs(learner, prompt_ids, fixed.completion_ids)
     assert torch.allclose(before_engine, before_learner, atol=1e-3)  # same policy, same numbers
 
     learner.train_step(batch)
-    after_learner = _learner_logprobs(learner, fixed.prompt_ids, fixed.completion_ids)
+    after_learner = _learner_logprobs(learner, prompt_ids, fixed.completion_ids)
     assert (after_learner - before_learner).abs().max() > 0.05  # the step moved the policy
 
     sync = WeightSync(interval=1, method="inprocess", timeout_s=120, folder=tmp_path)
     seconds = sync.push(learner.full_state_dict(), learner.step, [engine])
-    after_engine = torch.tensor(engine.logprobs_of(fixed.prompt_ids, fixed.completion_ids))
+    after_engine = torch.tensor(_engine_logprobs(engine, prompt_ids, fixed.completion_ids))
     assert torch.allclose(after_engine, after_learner, atol=1e-3)
     assert (after_engine - before_engine).abs().max() > 0.05
     assert engine.version == 1 and seconds > 0
     new = engine.generate(train[4:5], SamplingSpec(n=2, temperature=1.0, max_new_tokens=4, seed=1))
-    assert all(t.version == 1 for t in new[0].trajectories)
+    assert new[0].version == 1
 
     # the portable path: new weights through a safetensors folder (a tied lm_head must arrive too)
     learner.train_step(batch)
-    second = _learner_logprobs(learner, fixed.prompt_ids, fixed.completion_ids)
+    second = _learner_logprobs(learner, prompt_ids, fixed.completion_ids)
     assert (second - after_learner).abs().max() > 0.05
     disk = WeightSync(interval=1, method="disk", timeout_s=120, folder=tmp_path / "disk")
     disk.push(learner.full_state_dict(), 2, [engine])
     assert engine.version == 2
-    assert torch.allclose(torch.tensor(engine.logprobs_of(fixed.prompt_ids, fixed.completion_ids)), second, atol=1e-3)
+    assert torch.allclose(torch.tensor(_engine_logprobs(engine, prompt_ids, fixed.completion_ids)), second, atol=1e-3)
 
 
 def _hf_state(model_path, noise: float, seed: int = 0):
@@ -97,12 +108,12 @@ def test_fast_refresh_matches_vllm_reload(engine, model_path):
     state = _hf_state(model_path, noise=0.01)
     engine.load_weights(iter(state.items()), 7)
     assert engine.fast_refresh is True  # the embedded model is unquantized: the fast path is the one taken
-    ours = engine.logprobs_of(pid, cid)
+    ours = _engine_logprobs(engine, pid, cid)
     engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items()), "is_checkpoint_format": True})
     engine.llm.reset_prefix_cache()
-    assert engine.logprobs_of(pid, cid) == ours
+    assert _engine_logprobs(engine, pid, cid) == ours
     engine.load_weights(iter(_hf_state(model_path, noise=0.0).items()), 8)
-    assert max(abs(a - b) for a, b in zip(engine.logprobs_of(pid, cid), ours)) > 0.05  # and it does move
+    assert max(abs(a - b) for a, b in zip(_engine_logprobs(engine, pid, cid), ours)) > 0.05  # and it does move
 
 
 @pytest.mark.parametrize("drop, named", [("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.qkv_proj.weight"),
@@ -114,12 +125,12 @@ def test_partial_push_is_refused_and_engine_stays_usable(engine, model_path, dro
     pid, cid = tok("What is 2 + 3?").input_ids, tok(" The answer is 5.").input_ids
     state = _hf_state(model_path, noise=0.0)
     engine.load_weights(iter(state.items()), 1)
-    before = engine.logprobs_of(pid, cid)
+    before = _engine_logprobs(engine, pid, cid)
     del state[drop]
     with pytest.raises(RuntimeError, match=named.replace(".", r"\.")):
         engine.load_weights(iter(state.items()), 2)
     assert engine.version == 1
-    assert engine.logprobs_of(pid, cid) == pytest.approx(before, abs=1e-5)
+    assert _engine_logprobs(engine, pid, cid) == pytest.approx(before, abs=1e-5)
 
 
 def test_embedding_packing_is_skipped_only_beside_a_separate_lm_head(engine):

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from asymre.loss import asymre_loss, grpo_advantages, grpo_loss, reinforce_loss, token_logprobs
+from asymre.advantages import grpo_advantages
+from asymre.loss import asymre_loss, grpo_loss, reinforce_loss, token_logprobs
 
 
 def _case():
@@ -20,7 +21,7 @@ def test_asymre_exact_value():
     """Hand-computed: seq log-probs -3, -1, -3; V = 0.5; loss = -mean((r - V) * logp)."""
     logp, mask, r = _case()
     v = torch.full((3,), 0.5)
-    loss, m = asymre_loss(logp, mask, r, v)
+    loss, m = asymre_loss(logp, mask, r - v, v)
     expected = -((0.5 * -3.0) + (-0.5 * -1.0) + (0.5 * -3.0)) / 3
     assert loss.item() == pytest.approx(expected)
     assert m["loss/frac_positive"] == pytest.approx(2 / 3) and m["loss/frac_negative"] == pytest.approx(1 / 3)
@@ -32,7 +33,7 @@ def test_asymre_exact_value():
 def test_token_mean_aggregation():
     logp, mask, r = _case()
     v = torch.full((3,), 0.5)
-    loss, _ = asymre_loss(logp, mask, r, v, aggregation="token_mean")
+    loss, _ = asymre_loss(logp, mask, r - v, v, aggregation="token_mean")
     expected = -((0.5 * -3.0) + (-0.5 * -1.0) + (0.5 * -3.0)) / 5  # 5 completion tokens
     assert loss.item() == pytest.approx(expected)
 
@@ -46,7 +47,7 @@ def test_vectorised_equals_naive_loop():
     r = torch.randint(0, 2, (B,)).float()
     v = torch.rand(B)
     a = logp.clone().requires_grad_(True)
-    loss, _ = asymre_loss(a, mask, r, v)
+    loss, _ = asymre_loss(a, mask, r - v, v)
     loss.backward()
     b = logp.clone().requires_grad_(True)
     total = 0.0
@@ -64,7 +65,7 @@ def test_vectorised_equals_naive_loop():
 
 def test_masked_positions_get_no_gradient():
     logp, mask, r = _case()
-    loss, _ = asymre_loss(logp, mask, r, torch.full((3,), 0.5))
+    loss, _ = asymre_loss(logp, mask, r - 0.5, torch.full((3,), 0.5))
     loss.backward()
     assert torch.all(logp.grad[mask == 0] == 0)
     assert torch.all(logp.grad[mask == 1] != 0)
@@ -76,7 +77,7 @@ def test_lowering_v_raises_weight_on_positive_samples():
     grads = []
     for v in (0.8, 0.5, 0.2):
         x = logp.detach().clone().requires_grad_(True)
-        loss, m = asymre_loss(x, mask, r, torch.full((3,), v))
+        loss, m = asymre_loss(x, mask, r - v, torch.full((3,), v))
         loss.backward()
         grads.append((x.grad[0, 1].item(), x.grad[1, 2].item(), m["loss/positive_weight_share"]))
     pos = [-g[0] for g in grads]  # ascent direction on a rewarded sample's token
@@ -92,15 +93,15 @@ def test_micro_batch_normalizer_sums_to_full_batch():
     logp, mask, r = _case()
     v = torch.full((3,), 0.3)
     for agg, norm in (("seq_mean", 3), ("token_mean", int(mask.sum()))):
-        full, _ = asymre_loss(logp, mask, r, v, aggregation=agg)
-        parts = sum(asymre_loss(logp[i : i + 1], mask[i : i + 1], r[i : i + 1], v[i : i + 1], agg, norm)[0] for i in range(3))
+        full, _ = asymre_loss(logp, mask, r - v, v, aggregation=agg)
+        parts = sum(asymre_loss(logp[i : i + 1], mask[i : i + 1], (r - v)[i : i + 1], v[i : i + 1], agg, norm)[0] for i in range(3))
         assert parts.item() == pytest.approx(full.item())
 
 
 def test_reinforce_is_asymre_with_zero_baseline():
     logp, mask, r = _case()
     a, _ = reinforce_loss(logp, mask, r)
-    b, _ = asymre_loss(logp, mask, r, torch.zeros(3))
+    b, _ = asymre_loss(logp, mask, r - torch.zeros(3), torch.zeros(3))
     assert a.item() == b.item() == pytest.approx(-(-3.0 + -3.0) / 3)
 
 

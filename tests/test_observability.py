@@ -13,7 +13,7 @@ from asymre.tracking import MetricsLogger, read_metrics
 
 
 def _group(texts):
-    return TrajectoryGroup(Prompt("p", [{"role": "user", "content": "q"}]), [Trajectory([1], [2], t, "stop", 0) for t in texts], 0)
+    return TrajectoryGroup(Prompt("p", [{"role": "user", "content": "q"}]), [1], [Trajectory([2], t, "stop") for t in texts], 0)
 
 
 def test_metrics_jsonl_is_always_written(tmp_path):

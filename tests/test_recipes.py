@@ -135,7 +135,7 @@ def test_recipe_runs_end_to_end(path, own, tmp_path, vllm_engine, monkeypatch):
         for g in groups:
             want = tok.apply_chat_template(g.prompt.messages, add_generation_prompt=True, tokenize=True, return_dict=False,
                                            **cfg.task.chat_template_kwargs)
-            assert g.trajectories[0].prompt_ids == list(want)[-cfg.rollout.max_prompt_tokens:]
+            assert g.prompt_ids == list(want)[-cfg.rollout.max_prompt_tokens:]
 
 
 @pytest.mark.slow

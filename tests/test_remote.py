@@ -63,14 +63,17 @@ def test_remote_generate_and_weight_push(server, model_path, tmp_path):
     groups = gen.generate(train[:2], SamplingSpec(n=3, temperature=1.0, max_new_tokens=8, seed=4, logprobs=True))
     assert len(groups) == 2 and all(len(g.trajectories) == 3 for g in groups)
     t = groups[0].trajectories[0]
-    assert t.completion_ids == [33, 2] and t.finish_reason == "stop" and t.logprobs == [-0.1, -0.2] and t.version == 0
-    req = [c for c in _Handler.calls if c[1] == "/v1/completions"][0][2]
-    assert req["prompt"] == t.prompt_ids and req["n"] == 3 and req["seed"] == 4 and req["max_tokens"] == 8 and req["logprobs"] == 0
+    assert t.completion_ids == [33, 2] and t.finish_reason == "stop" and t.logprobs == [-0.1, -0.2] and groups[0].version == 0
+    reqs = [c[2] for c in _Handler.calls if c[1] == "/v1/completions"]
+    assert [r["prompt"] for r in reqs] == [g.prompt_ids for g in groups] and groups[0].prompt_ids != groups[1].prompt_ids
+    req = reqs[0]
+    assert req["n"] == 3 and req["seed"] == 4 and req["max_tokens"] == 8 and req["logprobs"] == 0
 
     gen.load_weights(str(tmp_path), version=7)
     rpc = [c for c in _Handler.calls if c[1] == "/collective_rpc"][0][2]
     assert rpc == {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path)}}
     assert [c[1] for c in _Handler.calls][-1] == "/reset_prefix_cache" and gen.version == 7
+    assert [g.version for g in gen.generate(train[:2], SamplingSpec(n=1, max_new_tokens=2))] == [7, 7]  # each group's version
     with pytest.raises(ValueError, match="sync.method=disk"):
         gen.load_weights(iter([]), 8)
 

@@ -8,11 +8,12 @@ import pytest
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.rewards import RewardError, RewardScorer, resolve_reward
 from asymre.rewards.builtin import extract_number, first_number, math_verify, numeric
+from tests.helpers import rewards_of
 
 
 def _groups(texts, answer="5"):
-    trajs = [Trajectory([1], [2], t, "stop", 0) for t in texts]
-    return [TrajectoryGroup(Prompt("p", [{"role": "user", "content": "What is 2 + 3?"}], {"answer": answer}), trajs, 0)]
+    trajs = [Trajectory([2], t, "stop") for t in texts]
+    return [TrajectoryGroup(Prompt("p", [{"role": "user", "content": "What is 2 + 3?"}], {"answer": answer}), [1], trajs, 0)]
 
 
 def test_numeric_last_number_and_gsm8k_marker():
@@ -42,13 +43,13 @@ def test_trl_style_function_by_dotted_path():
     scorer = RewardScorer(["tests.test_rewards:trl_style_reward"])
     groups = _groups(["5", " 5 ", "6"])
     m = scorer.score(groups)
-    assert groups[0].rewards == [1.0, 1.0, 0.0] and m["reward/mean"] == pytest.approx(2 / 3)
+    assert rewards_of(groups[0]) == [1.0, 1.0, 0.0] and m["reward/mean"] == pytest.approx(2 / 3)
 
 
 def test_weights_and_scale():
     groups = _groups(["5", "2 + 3 = 5", "7"])
     RewardScorer(["numeric", "first_number"], weights=[1.0, 0.5], scale="pm1").score(groups)
-    assert groups[0].rewards == [1.5, 0.5, -1.5]
+    assert rewards_of(groups[0]) == [1.5, 0.5, -1.5]
 
 
 def raises(prompts, completions, **kw):
@@ -86,7 +87,7 @@ def test_hanging_reward_times_out_and_is_counted():
     m = scorer.score(groups)
     assert time.time() - t0 < 5
     assert m["reward/dropped_tests.test_rewards:hangs:timeout"] == 3
-    assert groups[0].rewards == [1.0, 0.0, 0.0]  # the other function still scored them
+    assert rewards_of(groups[0]) == [1.0, 0.0, 0.0]  # the other function still scored them
     scorer.close()
 
 
@@ -98,7 +99,7 @@ def test_infinite_rewards_are_dropped_and_counted():
     """An inf would make the baseline and every advantage of its group inf: dropped like NaN."""
     groups = _groups(["5", "6", "7"])
     m = RewardScorer(["tests.test_rewards:plus_minus_inf"]).score(groups)
-    assert groups[0].rewards == [None, None, 1.0] and m["reward/dropped_tests.test_rewards:plus_minus_inf:none_or_nan"] == 2
+    assert rewards_of(groups[0]) == [None, None, 1.0] and m["reward/dropped_tests.test_rewards:plus_minus_inf:none_or_nan"] == 2
 
 
 def test_reward_std_over_scored_samples():
@@ -110,7 +111,7 @@ def test_reward_std_over_scored_samples():
 def test_nan_and_none_samples_are_dropped_and_counted():
     groups = _groups(["5", "6", "7"])
     m = RewardScorer(["tests.test_rewards:nan_and_none"]).score(groups)
-    assert groups[0].rewards == [None, None, 1.0]
+    assert rewards_of(groups[0]) == [None, None, 1.0]
     assert m["reward/dropped"] == 2 and m["reward/dropped_tests.test_rewards:nan_and_none:none_or_nan"] == 2
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.rewards import RewardError, RewardScorer
+from tests.helpers import rewards_of
 
 R = "tests.trl_rewards"
 
@@ -17,16 +18,16 @@ R = "tests.trl_rewards"
 def _conv_group(texts, solution="\\frac{1}{2}", ids=None, question="What is 1/2?"):
     """One conversational group (TRL's format): the prompt is a message list."""
     ids = ids or [[7] * (i + 1) for i in range(len(texts))]
-    trajs = [Trajectory([1, 2], list(c), t, "stop", 0) for t, c in zip(texts, ids)]
+    trajs = [Trajectory(list(c), t, "stop") for t, c in zip(texts, ids)]
     prompt = Prompt("q", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}],
                     {"prompt": [{"role": "user", "content": question}], "solution": solution, "answer": solution},
                     conversational=True)
-    return TrajectoryGroup(prompt, trajs, 0)
+    return TrajectoryGroup(prompt, [1, 2], trajs, 0)
 
 
 def _std_group(texts, answer):
-    trajs = [Trajectory([1], [2], t, "stop", 0) for t in texts]
-    return TrajectoryGroup(Prompt("p", [{"role": "user", "content": "Solve."}], {"answer": answer}), trajs, 0)
+    trajs = [Trajectory([2], t, "stop") for t in texts]
+    return TrajectoryGroup(Prompt("p", [{"role": "user", "content": "Solve."}], {"answer": answer}), [1], trajs, 0)
 
 
 def test_math_verify_through_the_scorer_on_a_helper_thread():
@@ -38,7 +39,7 @@ def test_math_verify_through_the_scorer_on_a_helper_thread():
     th.start()
     th.join(60)
     assert "m" in box, "scoring raised or hung on a helper thread"
-    assert [g.rewards for g in groups] == [[1.0, 0.0], [1.0]]
+    assert [rewards_of(g) for g in groups] == [[1.0, 0.0], [1.0]]
     assert box["m"]["reward/dropped"] == 0
 
 
@@ -47,7 +48,7 @@ def test_trl_accuracy_reward_on_conversational_completions():
     column lands on each trajectory (for the sampled-completions log)."""
     g = _conv_group(["The answer is $\\boxed{0.5}$.", "It is \\boxed{\\frac{1}{3}}"])
     m = RewardScorer([f"{R}:accuracy_reward"], timeout_s=30).score([g])
-    assert g.rewards == [1.0, 0.0] and m["reward/dropped"] == 0
+    assert rewards_of(g) == [1.0, 0.0] and m["reward/dropped"] == 0
     parsed = [t.extras["parsed_answer"] for t in g.trajectories]
     assert parsed[0].startswith("[1/2") and parsed[1].startswith("[1/3")
 
@@ -55,11 +56,11 @@ def test_trl_accuracy_reward_on_conversational_completions():
 def test_trl_format_prompt_and_completion_ids_rewards():
     g = _conv_group(["<think>\nhmm\n</think>\n0.5", "0.5 <think>late</think>", "What is 1/2?"], ids=[[5] * 2, [5] * 4, [5] * 6])
     RewardScorer([f"{R}:think_format_reward"]).score([g])
-    assert g.rewards == [1.0, 0.0, 0.0]
+    assert rewards_of(g) == [1.0, 0.0, 0.0]
     RewardScorer([f"{R}:token_budget_reward"]).score([g])  # completion_ids: 2, 4 and 6 tokens
-    assert g.rewards == pytest.approx([0.0, -0.1, -0.3])
+    assert rewards_of(g) == pytest.approx([0.0, -0.1, -0.3])
     RewardScorer([f"{R}:prompt_echo_reward"]).score([g])  # prompts arrive as the message list
-    assert g.rewards == [0.0, 0.0, 1.0]
+    assert rewards_of(g) == [0.0, 0.0, 1.0]
 
 
 def test_trainer_state_and_log_metric():
@@ -68,18 +69,18 @@ def test_trainer_state_and_log_metric():
     g = _conv_group(["a", "b"])
     scorer = RewardScorer([f"{R}:curriculum_reward"], max_steps=20)
     m = scorer.score([g], step=5)
-    assert g.rewards == [0.5, 0.5] and m["reward/custom/curriculum_weight"] == 0.5
+    assert rewards_of(g) == [0.5, 0.5] and m["reward/custom/curriculum_weight"] == 0.5
     assert scorer.score([g], step=20)["reward/custom/curriculum_weight"] == 1.0
 
 
 def test_async_rewards_are_awaited_concurrently():
     g = _conv_group(["abcd", "ab"])
     RewardScorer([f"{R}:async_length_reward"]).score([g])
-    assert g.rewards == pytest.approx([-0.04, -0.02])
+    assert rewards_of(g) == pytest.approx([-0.04, -0.02])
     t0 = time.perf_counter()
     m = RewardScorer([f"{R}:async_slow_reward", f"{R}:async_slow_reward_2"], timeout_s=5).score([g])
     assert time.perf_counter() - t0 < 1.1, "two 0.6 s async rewards ran one after the other"
-    assert g.rewards == [1.5, 1.5] and m["reward/dropped"] == 0
+    assert rewards_of(g) == [1.5, 1.5] and m["reward/dropped"] == 0
 
 
 def test_async_reward_past_the_timeout_is_dropped():
@@ -92,7 +93,7 @@ def test_standard_format_gets_strings():
     """A standard-format dataset: prompts and completions are plain strings (TRL's standard format)."""
     g = _std_group(["5", "the answer: 7"], "5")
     RewardScorer([f"{R}:raises_on_sevens", "numeric"]).score([g])
-    assert g.rewards == [2.0, 0.0]  # sample 1: raised (dropped for that function), numeric 0
+    assert rewards_of(g) == [2.0, 0.0]  # sample 1: raised (dropped for that function), numeric 0
 
 
 def test_raising_reward_costs_only_its_samples_and_logs_its_traceback_once_per_step(caplog):
@@ -101,7 +102,7 @@ def test_raising_reward_costs_only_its_samples_and_logs_its_traceback_once_per_s
     with caplog.at_level(logging.WARNING, logger="asymre.rewards"):
         m = scorer.score([g], step=3)
         scorer.score([_std_group(["7", "1"], "1")], step=3)  # same step: not logged again
-    assert g.rewards == [1.0, None, 1.0, None]
+    assert rewards_of(g) == [1.0, None, 1.0, None]
     assert m[f"reward/dropped_{R}:raises_on_sevens:raised"] == 2 and m["reward/dropped"] == 2
     records = [r for r in caplog.records if "raises_on_sevens" in r.getMessage()]
     assert len(records) == 1
@@ -120,7 +121,7 @@ def test_reward_of_the_wrong_type_is_dropped_counted_and_named(fn, said, caplog)
     g = _std_group(["5", "6"], "5")
     with caplog.at_level(logging.WARNING, logger="asymre.rewards"):
         m = RewardScorer(["numeric", f"{R}:{fn}"]).score([g])
-    assert g.rewards == [1.0, 0.0] and m[f"reward/dropped_{R}:{fn}:wrong_type"] == 2
+    assert rewards_of(g) == [1.0, 0.0] and m[f"reward/dropped_{R}:{fn}:wrong_type"] == 2
     assert any(said in r.getMessage() and fn in r.getMessage() for r in caplog.records)
     with pytest.raises(RewardError, match=f"{fn}:wrong_type"):
         RewardScorer([f"{R}:{fn}"]).score([_std_group(["5", "6"], "5")])
@@ -154,7 +155,7 @@ def test_math_verify_and_a_raising_reward_in_a_generation_worker_process(model_p
         pool.close()
     assert not pool.reward_errors and results
     _, groups, metrics = results[0]
-    assert [g.rewards for g in groups] == [[2.0, 0.0], [2.0, 2.0]]  # math_verify 1/0 plus raises_on_sevens 1/None
+    assert [rewards_of(g) for g in groups] == [[2.0, 0.0], [2.0, 2.0]]  # math_verify 1/0 plus raises_on_sevens 1/None
     assert metrics[f"reward/dropped_{R}:raises_on_sevens:raised"] == 1
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "(generation worker 0)" in text and "raises_on_sevens" in text and "ZeroDivisionError" in text

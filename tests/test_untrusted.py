@@ -22,7 +22,7 @@ PROMPTS = [Prompt("a", [{"role": "user", "content": "1+1?"}]), Prompt("b", [{"ro
 
 
 def _good():
-    return [TrajectoryGroup(p, [Trajectory([1, 2], [3, 4], "x", "stop", 0, logprobs=[-0.1, -0.2]) for _ in range(2)], 0)
+    return [TrajectoryGroup(p, [1, 2], [Trajectory([3, 4], "x", "stop", logprobs=[-0.1, -0.2]) for _ in range(2)], 0)
             for p in PROMPTS]
 
 
@@ -43,8 +43,9 @@ def _set(obj, attr, value):
     (lambda g: _set(g[0].trajectories[1], "completion_ids", [3, "4"]), "group 0 sample 1: completion token ids are not a list of integers"),
     (lambda g: _set(g[0].trajectories[1], "completion_ids", [3, True]), "group 0 sample 1: completion token ids are not a list of integers"),
     (lambda g: _set(g[1].trajectories[0], "completion_ids", [3, 100]), "group 1 sample 0: completion token id 100 is outside the vocabulary (0..99)"),
-    (lambda g: _set(g[1].trajectories[0], "prompt_ids", [-1, 2]), "group 1 sample 0: prompt token id -1 is outside the vocabulary (0..99)"),
-    (lambda g: _set(g[0].trajectories[0], "prompt_ids", []), "group 0 sample 0: empty prompt token ids"),
+    (lambda g: _set(g[1], "prompt_ids", [-1, 2]), "group 1: prompt token id -1 is outside the vocabulary (0..99)"),
+    (lambda g: _set(g[1], "prompt_ids", [1, 2.0]), "group 1: prompt token ids are not a list of integers"),
+    (lambda g: _set(g[0], "prompt_ids", []), "group 0: empty prompt token ids"),
     (lambda g: _set(g[0].trajectories[0], "logprobs", [-0.1]), "group 0 sample 0: 1 log-probs for 2 completion tokens"),
     (lambda g: _set(g[0].trajectories[0], "logprobs", None), "group 0 sample 0: no log-probs for 2 completion tokens"),
     (lambda g: _set(g[0].trajectories[0], "text", None), "group 0 sample 0: text is a NoneType, not a string"),

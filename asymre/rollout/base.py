@@ -49,7 +49,7 @@ class Generator(Protocol):
     sync_methods: tuple[str, ...]
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
-        """One group of `spec.n` trajectories per prompt, each tagged with `self.version`."""
+        """One group of `spec.n` trajectories per prompt, with the prompt's token ids, tagged with `self.version`."""
         ...
 
     def load_weights(self, weights: Weights | str, version: int) -> None:
@@ -127,20 +127,30 @@ def check_groups(groups, prompts: list[Prompt], spec: SamplingSpec, vocab_size: 
             return f"group {i} answers prompt {g.prompt.uid!r}, not the requested {p.uid!r}"
         if len(g.trajectories) != spec.n:
             return f"group {i} has {len(g.trajectories)} samples, not {spec.n}"
+        problem = _token_ids_problem(g.prompt_ids, vocab_size)
+        if problem:
+            return f"group {i}: prompt {problem}"
+        if not g.prompt_ids:
+            return f"group {i}: empty prompt token ids"
         for j, t in enumerate(g.trajectories):
-            for what, ids in (("prompt", t.prompt_ids), ("completion", t.completion_ids)):
-                if not isinstance(ids, list) or not all(type(x) is int for x in ids):
-                    return f"group {i} sample {j}: {what} token ids are not a list of integers"
-                bad = [x for x in ids if x < 0 or (vocab_size is not None and x >= vocab_size)]
-                if bad:
-                    return f"group {i} sample {j}: {what} token id {bad[0]} is outside the vocabulary (0..{(vocab_size or 1) - 1})"
-            if not t.prompt_ids:
-                return f"group {i} sample {j}: empty prompt token ids"
+            problem = _token_ids_problem(t.completion_ids, vocab_size)
+            if problem:
+                return f"group {i} sample {j}: completion {problem}"
             if spec.logprobs and (t.logprobs is None or len(t.logprobs) != len(t.completion_ids)):
                 return (f"group {i} sample {j}: {'no' if t.logprobs is None else len(t.logprobs)} log-probs for "
                         f"{len(t.completion_ids)} completion tokens")
             if not isinstance(t.text, str):
                 return f"group {i} sample {j}: text is a {type(t.text).__name__}, not a string"
+    return None
+
+
+def _token_ids_problem(ids, vocab_size: int | None) -> str | None:
+    """What is wrong with `ids` as token ids of a model with `vocab_size` tokens, or None."""
+    if not isinstance(ids, list) or not all(type(x) is int for x in ids):
+        return "token ids are not a list of integers"
+    bad = [x for x in ids if x < 0 or (vocab_size is not None and x >= vocab_size)]
+    if bad:
+        return f"token id {bad[0]} is outside the vocabulary (0..{(vocab_size or 1) - 1})"
     return None
 
 

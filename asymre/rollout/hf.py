@@ -39,8 +39,9 @@ class HFGenerator:
             chunk = ids[start : start + per_call]
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) if spec.seed is not None else None
             trajs = self._generate_chunk(chunk, spec, seed)
-            for j, p in enumerate(prompts[start : start + per_call]):
-                groups.append(TrajectoryGroup(prompt=p, trajectories=trajs[j * spec.n : (j + 1) * spec.n], version=self.version))
+            for j, (p, pid) in enumerate(zip(prompts[start : start + per_call], chunk)):
+                groups.append(TrajectoryGroup(prompt=p, prompt_ids=pid, trajectories=trajs[j * spec.n : (j + 1) * spec.n],
+                                              version=self.version))
         return groups
 
     def _generate_chunk(self, chunk: list[list[int]], spec: SamplingSpec, seed: int | None) -> list[Trajectory]:
@@ -69,19 +70,9 @@ class HFGenerator:
         for row in range(new.shape[0]):
             comp, reason = trim_completion(new[row].tolist(), self.eos, pad)
             trajs.append(Trajectory(
-                prompt_ids=chunk[row // spec.n], completion_ids=comp,
-                text=self.tokenizer.decode(comp, skip_special_tokens=True), finish_reason=reason, version=self.version,
+                completion_ids=comp, text=self.tokenizer.decode(comp, skip_special_tokens=True), finish_reason=reason,
                 logprobs=logps[row, : len(comp)].tolist() if logps is not None else None))
         return trajs
-
-    @torch.no_grad()
-    def logprobs_of(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
-        """The engine's log-probs of a given completion (teacher-forced)."""
-        from asymre.loss import token_logprobs
-
-        seq = torch.tensor([prompt_ids + completion_ids], device=self.device)  # [1, L]
-        lp = token_logprobs(self.model(input_ids=seq).logits[:, :-1], seq[:, 1:])  # [1, L-1]
-        return lp[0, -len(completion_ids):].tolist()
 
     @torch.no_grad()
     def load_weights(self, weights: Weights | str, version: int) -> None:

@@ -72,10 +72,10 @@ class RemoteVLLMGenerator:
             trajs = []
             for c in res["choices"]:
                 lp = c.get("logprobs", {}) or {}
-                trajs.append(Trajectory(prompt_ids=pid, completion_ids=list(c.get("token_ids") or []), text=c["text"],
+                trajs.append(Trajectory(completion_ids=list(c.get("token_ids") or []), text=c["text"],
                                         finish_reason="stop" if c.get("finish_reason") == "stop" else "length",
-                                        version=self.version, logprobs=lp.get("token_logprobs") if spec.logprobs else None))
-            groups.append(TrajectoryGroup(prompt=p, trajectories=trajs, version=self.version))
+                                        logprobs=lp.get("token_logprobs") if spec.logprobs else None))
+            groups.append(TrajectoryGroup(prompt=p, prompt_ids=pid, trajectories=trajs, version=self.version))
         problem = check_groups(groups, prompts, spec, self.vocab_size)
         if problem:
             raise RuntimeError(f"vLLM server {self.url} returned malformed completions: {problem}")

@@ -74,20 +74,10 @@ class VLLMGenerator:
                 lp = None
                 if spec.logprobs and o.logprobs is not None:
                     lp = [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)]
-                trajs.append(Trajectory(prompt_ids=pid, completion_ids=list(o.token_ids), text=o.text,
-                                        finish_reason="stop" if o.finish_reason == "stop" else "length",
-                                        version=self.version, logprobs=lp))
-            groups.append(TrajectoryGroup(prompt=p, trajectories=trajs, version=self.version))
+                trajs.append(Trajectory(completion_ids=list(o.token_ids), text=o.text,
+                                        finish_reason="stop" if o.finish_reason == "stop" else "length", logprobs=lp))
+            groups.append(TrajectoryGroup(prompt=p, prompt_ids=pid, trajectories=trajs, version=self.version))
         return groups
-
-    def logprobs_of(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
-        """The engine's log-probs of a given completion (teacher-forced, via prompt log-probs)."""
-        from vllm import SamplingParams
-
-        out = self.llm.generate([{"prompt_token_ids": prompt_ids + completion_ids}],
-                                SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)[0]
-        seq = prompt_ids + completion_ids
-        return [out.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt_ids), len(seq))]
 
     def load_weights(self, weights: Weights | str, version: int) -> None:
         if self.fast_refresh is None:
