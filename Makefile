@@ -10,7 +10,7 @@ CONFIG  ?= recipes/configs/smollm2_arithmetic_cpu.yaml
 ACCEL   ?= recipes/accelerate/cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast train bench bench-trl bandit docs clean-venv
+.PHONY: install lint test test-fast train bench bench-trl bandit docs clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,8 +29,12 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
-# The README's test command. Runs every tier, slow ones (real vLLM engine, real multi-process launch) included.
-test: install
+# Style and static checks (ruff, rules in pyproject.toml); the test command runs them first.
+lint: install
+	$(BIN)/ruff check .
+
+# The README's test command. Lint, then every test tier, slow ones (real vLLM engine, real multi-process launch) included.
+test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
@@ -38,15 +42,15 @@ test-fast: install
 
 # The README's main job: AsymRE on the embedded model and the arithmetic task, on this CPU.
 train: install
-	$(BIN)/accelerate launch --config_file $(ACCEL) recipes/asymre.py --config $(CONFIG) $(ARGS)
+	$(BIN)/accelerate launch --config_file $(ACCEL) recipes/train.py --config $(CONFIG) $(ARGS)
 
 # Benchmarks (numbers go to docs/benchmarks.md). TRL is installed for the comparison only.
 bench: install
-	OMP_NUM_THREADS=2 $(BIN)/python bench/bench_loop.py
+	OMP_NUM_THREADS=2 $(BIN)/python -m bench.bench_loop
 
 bench-trl: install
 	$(BIN)/python -m pip install -q "trl==1.16.0"
-	OMP_NUM_THREADS=2 $(BIN)/python bench/bench_trl.py
+	OMP_NUM_THREADS=2 $(BIN)/python -m bench.bench_trl
 
 bandit: install
 	$(BIN)/python -m asymre.bandit --out runs/bandit

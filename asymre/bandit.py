@@ -101,12 +101,12 @@ class Bandit:
     r: np.ndarray
 
     @staticmethod
-    def paper(k: int = 100, seed: int = 0) -> "Bandit":
+    def paper(k: int = 100, seed: int = 0) -> Bandit:
         """The paper's bandit: K arms, rewards U[0, 1]; mu = uniform."""
         rng = np.random.default_rng(seed)
         return Bandit(mu=np.full(k, 1.0 / k), r=rng.uniform(0.0, 1.0, size=k))
 
-    def with_random_mu(self, logit_std: float = 2.0, seed: int = 1) -> "Bandit":
+    def with_random_mu(self, logit_std: float = 2.0, seed: int = 1) -> Bandit:
         """Same rewards, a non-uniform behaviour policy mu = softmax(N(0, logit_std^2))."""
         logits = np.random.default_rng(seed).normal(size=len(self.r)) * logit_std
         return Bandit(mu=softmax(logits), r=self.r)

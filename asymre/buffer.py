@@ -30,7 +30,7 @@ class ReplayBuffer:
         self.counts = Counter()  # added, sampled, evicted_stale, evicted_capacity, evicted_used
 
     @classmethod
-    def from_config(cls, cfg, ranks: int = 1) -> "ReplayBuffer":
+    def from_config(cls, cfg, ranks: int = 1) -> ReplayBuffer:
         """The run's buffer, feeding `ranks` learner ranks (its capacity is checked for them)."""
         from asymre.config import check_buffer_capacity
 

@@ -32,7 +32,7 @@ class ConfigError(InputError):
     label = "config error"
 
 
-def _f(default: Any, help: str, valid: str | None = None) -> Any:  # noqa: A002
+def _f(default: Any, help: str, valid: str | None = None) -> Any:
     """A config field: default, one-line help, and `valid`, the allowed interval of a number (or of each
     number of a list) in interval notation, e.g. "(0, 1]" or "[1, inf)", checked by `validate`."""
     metadata = {"help": help, **({"valid": valid} if valid else {})}
@@ -251,7 +251,7 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
-def check_buffer_capacity(cfg: "Config", ranks: int = 1) -> None:
+def check_buffer_capacity(cfg: Config, ranks: int = 1) -> None:
     """The buffer must hold one learner step's groups: learner.groups_per_step for each of the `ranks` learner
     ranks it feeds (async mode: the main process's buffer feeds every rank; colocated: each rank has its own),
     and buffer.min_groups. Called at config load (one rank) and when the buffer is built (every rank)."""

@@ -51,7 +51,7 @@ class TrajectoryGroup:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "TrajectoryGroup":
+    def from_dict(d: dict[str, Any]) -> TrajectoryGroup:
         if "prompt_ids" not in d:
             raise ValueError("a trajectory group saved in the old format (prompt ids and version per trajectory) "
                              "cannot be loaded: start a fresh run")

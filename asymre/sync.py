@@ -21,9 +21,9 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -108,7 +108,7 @@ class WeightChannel:
         self.group = None
 
     @classmethod
-    def listen(cls, backend: str, timeout_s: float, host: str = "127.0.0.1", secret: str | None = None) -> "WeightChannel":
+    def listen(cls, backend: str, timeout_s: float, host: str = "127.0.0.1", secret: str | None = None) -> WeightChannel:
         import torch.distributed as dist
 
         fd, port = _listening_socket(host)
@@ -130,7 +130,7 @@ class WeightChannel:
             raise ChannelAuthError(f"weight channel on {self.host}:{self.port}: a peer joined with a wrong secret; "
                                    "refused before any weight was sent")
 
-    def connect(self) -> "WeightChannel":
+    def connect(self) -> WeightChannel:
         import torch.distributed as dist
 
         timeout = timedelta(seconds=self.timeout_s)
@@ -192,7 +192,7 @@ class WeightChannel:
         if abort is not None:
             try:
                 abort()
-            except Exception:  # noqa: BLE001 - best effort on an already broken group
+            except Exception:
                 pass
 
 
@@ -218,7 +218,7 @@ def run_with_timeout(fn, timeout_s: float, what: str):
     def target():
         try:
             box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+        except BaseException as e:
             box["error"] = e
 
     th = threading.Thread(target=target, name=f"sync:{what}", daemon=True)
@@ -262,7 +262,7 @@ class WeightSync:
         self.pushes = 0
 
     @classmethod
-    def from_config(cls, cfg, run_dir: str | Path) -> "WeightSync":
+    def from_config(cls, cfg, run_dir: str | Path) -> WeightSync:
         s = cfg.sync
         return cls(s.interval, s.method, s.timeout_s, Path(run_dir) / "sync", s.channel_host)
 
@@ -342,7 +342,7 @@ class WeightSync:
             channel.send(state_dict, meta)
         except ValueError:
             raise
-        except Exception as e:  # noqa: BLE001 - a dead peer or a timeout inside the collective
+        except Exception as e:
             dead = self.channels.pop(handle.index, None)
             if dead is not None:
                 dead.close()

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from asymre.config import load_config
-from asymre.rollout.worker import WorkerError
 from asymre.rollout.base import SamplingSpec
+from asymre.rollout.worker import WorkerError
 from asymre.sync import SyncTimeout, WeightSync
 from asymre.tasks import build_task
 from asymre.tracking import read_metrics

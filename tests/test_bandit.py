@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from asymre.bandit import (Bandit, closed_form_limit, expected_gradient, main, policy_iteration, run_flow,
-                           sampled_gradient, softmax, tv)
+from asymre.bandit import Bandit, closed_form_limit, expected_gradient, main, policy_iteration, run_flow, sampled_gradient, softmax, tv
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ def test_group_mean_vectorised_equals_loop():
     g[:7] = torch.arange(7)
     ref = torch.tensor([r[g == gi].mean().item() for gi in g.tolist()])
     assert torch.allclose(group_mean(r, g), ref)
-    loo_ref = torch.tensor([(r[g == g[i]].sum() - r[i]).item() / max((g == g[i]).sum().item() - 1, 1) if (g == g[i]).sum() > 1 else r[i].item() for i in range(40)])
+    loo_ref = torch.tensor([(r[g == g[i]].sum() - r[i]).item() / max((g == g[i]).sum().item() - 1, 1) if (g == g[i]).sum() > 1 else r[i].item()
+                            for i in range(40)])
     assert torch.allclose(leave_one_out_mean(r, g), loo_ref, atol=1e-6)
 
 

@@ -29,7 +29,8 @@ def test_math_answers_come_from_boxed_solution_and_verify():
     assert [p.columns["answer"] for p in tr] == ["\\sqrt{2}", "\\frac{3}{4}"]
     assert [p.columns["answer"] for p in ev] == ["70", "2\\sqrt{2}"]
     assert tr[0].columns["level"] == "Level 3"  # every column rides along for rewards
-    assert math_verify([""] * 2, ["so it is \\boxed{0.75}", "\\boxed{\\sqrt{8}}"], answer=[tr[1].columns["answer"], ev[1].columns["answer"]]) == [1.0, 1.0]
+    answers = [tr[1].columns["answer"], ev[1].columns["answer"]]
+    assert math_verify([""] * 2, ["so it is \\boxed{0.75}", "\\boxed{\\sqrt{8}}"], answer=answers) == [1.0, 1.0]
 
 
 def test_last_boxed_matches_nested_braces():
@@ -135,7 +136,8 @@ def _model_copy(model_path, dest, chat_template):
 
 
 THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                     "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
                      "{% endif %}")
 
 

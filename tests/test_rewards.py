@@ -17,7 +17,8 @@ def _groups(texts, answer="5"):
 
 
 def test_numeric_last_number_and_gsm8k_marker():
-    assert numeric([""] * 4, ["2 + 3 = 5", "The answer is 5.", "#### 5", "5 apples, not 6"], answer=["5", "5", "72\n#### 5", "5"]) == [1.0, 1.0, 1.0, 0.0]
+    completions = ["2 + 3 = 5", "The answer is 5.", "#### 5", "5 apples, not 6"]
+    assert numeric([""] * 4, completions, answer=["5", "5", "72\n#### 5", "5"]) == [1.0, 1.0, 1.0, 0.0]
     assert extract_number("She has 1,234.5 dollars") == 1234.5
     assert numeric([""], ["no number"], answer=["5"]) == [0.0]
 

@@ -4,8 +4,8 @@ server, before they reach the buffer; a remote server's API key reaches its Auth
 nothing else."""
 
 import copy
-import re
 import json
+import re
 import subprocess
 import sys
 import time

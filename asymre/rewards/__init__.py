@@ -36,8 +36,9 @@ import threading
 import time
 import traceback
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from asymre.data import TrajectoryGroup
 from asymre.rewards.builtin import BINARY, REGISTRY
@@ -95,7 +96,7 @@ def resolve_reward(spec: str) -> RewardFn:
     module, _, attr = spec.partition(":")
     try:
         mod = _import_here_too(module)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
+    except Exception as e:
         raise RewardError(f"reward {spec!r}: cannot import module {module!r}: {e}") from e
     fn = getattr(mod, attr, None)
     if not callable(fn):
@@ -115,7 +116,7 @@ def _start(target: Callable[[], Any], name: str) -> tuple[threading.Thread, dict
     def run():
         try:
             box["result"] = target()
-        except BaseException as e:  # noqa: BLE001 - reported to the caller, never fatal here
+        except BaseException as e:
             box["error"] = e
 
     th = threading.Thread(target=run, name=name, daemon=True)
@@ -140,7 +141,7 @@ def _run_sync(calls: list[tuple[Callable, dict]]) -> Callable[[], list]:
         for fn, kw in calls:
             try:
                 out.append(fn(**kw))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 out.append(e)
         return out
     return run
@@ -179,7 +180,7 @@ class RewardScorer:
         self._logged: set[tuple[str, int]] = set()  # (function, step) pairs whose failure was logged
 
     @classmethod
-    def from_config(cls, cfg) -> "RewardScorer":
+    def from_config(cls, cfg) -> RewardScorer:
         """The run's scorer: `reward.*`, and `learner.steps` as the rewards' `trainer_state.max_steps`."""
         r = cfg.reward
         return cls(list(r.funcs), list(r.weights), r.timeout_s, r.scale, cfg.learner.steps)

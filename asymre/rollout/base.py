@@ -7,8 +7,9 @@ template, so every backend samples from exactly the same token ids.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -30,7 +31,7 @@ class SamplingSpec:
     extra: dict = field(default_factory=dict)  # the engine's own sampling parameters (rollout/eval.generation_kwargs)
 
     @staticmethod
-    def preset(name: str, n: int, max_new_tokens: int, seed: int | None = None, extra: dict | None = None) -> "SamplingSpec":
+    def preset(name: str, n: int, max_new_tokens: int, seed: int | None = None, extra: dict | None = None) -> SamplingSpec:
         """'greedy', 'paper' (the paper's evaluation: T = 0.1, top-p 0.95)."""
         if name == "greedy":
             return SamplingSpec(n=n, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed, extra=dict(extra or {}))

@@ -15,13 +15,14 @@ Every method is called on every rank (weight gathers are collectives under FSDP/
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from accelerate.utils import broadcast_object_list
 
 from asymre.buffer import ReplayBuffer
 from asymre.data import Prompt, TrajectoryGroup
+from asymre.loss import NEEDS_BEHAVIOUR_LOGPROBS
 from asymre.rewards import RewardScorer
 from asymre.rollout import generator_from_config
 from asymre.rollout.base import Generator, SamplingSpec
@@ -44,7 +45,7 @@ class Rollout:
         self.rounds = 0  # generation rounds requested so far: each round's sampling seed follows from it
         ro = cfg.rollout
         self.train_spec = SamplingSpec(n=ro.group_size, temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
-                                       logprobs=cfg.loss.name == "grpo", extra=dict(ro.generation_kwargs))
+                                       logprobs=cfg.loss.name in NEEDS_BEHAVIOUR_LOGPROBS, extra=dict(ro.generation_kwargs))
 
     def _spec(self) -> SamplingSpec:
         self.rounds += 1

@@ -127,7 +127,7 @@ def refresh_supported(worker) -> bool:
 
         model = _engine_model(worker)
         layers = [m for _, m in _processed_layers(model)]
-        _engine_worker(worker).vllm_config.model_config.dtype  # refresh_weights reads it
+        _engine_worker(worker).vllm_config.model_config.dtype  # noqa: B018 - raises AttributeError where refresh_weights could not read it
     except (ImportError, AttributeError):
         return False
     processed = {id(m) for m in layers}

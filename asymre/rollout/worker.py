@@ -17,8 +17,9 @@ import multiprocessing as mp
 import queue
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from asymre.data import Prompt, TrajectoryGroup
 from asymre.rollout.base import SamplingSpec, check_groups
@@ -82,12 +83,12 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
                 if scorer is not None:
                     try:
                         metrics.update(scorer.score(groups, step))
-                    except Exception as e:  # noqa: BLE001 - sent to the learner, which decides
+                    except Exception as e:
                         out_q.put(("reward_error", index, (rid, str(e))))
                         continue
                 out_q.put(("groups", index, (rid, groups, metrics)))
         gen.close()
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         out_q.put(("error", index, traceback.format_exc()))
 
 
@@ -100,7 +101,7 @@ def _forward_logs(index: int, out_q) -> None:
         def emit(self, record):
             try:
                 out_q.put(("log", index, (record.levelno, record.name, self.format(record))))
-            except Exception:  # noqa: BLE001 - logging never kills the worker
+            except Exception:
                 pass
 
     logger = logging.getLogger("asymre")
@@ -126,7 +127,7 @@ class WorkerHandle:
 
     sync_methods = ("disk", "broadcast")
 
-    def __init__(self, pool: "WorkerPool", index: int):
+    def __init__(self, pool: WorkerPool, index: int):
         self.pool, self.index = pool, index
 
     @property
@@ -145,7 +146,7 @@ class WorkerHandle:
     def wait_loaded(self, version: int, timeout_s: float | None = None) -> None:
         self.pool.wait_loaded(self.index, version, timeout_s)
 
-    def on_restart(self, resend: Callable[["WorkerHandle"], None]) -> None:
+    def on_restart(self, resend: Callable[[WorkerHandle], None]) -> None:
         """`resend(handle)` runs after this pool restarts a worker, before its unfinished requests are re-queued."""
         self.pool.resend_weights = resend
 
@@ -240,7 +241,8 @@ class WorkerPool:
             silent = bool(w.pending) and now - w.last_heard > self.worker_timeout_s
             if not (dead or silent):
                 continue
-            why = f"exited with code {w.proc.exitcode}" if dead else f"silent for {now - w.last_heard:.0f}s (rollout.worker_timeout_s={self.worker_timeout_s})"
+            why = (f"exited with code {w.proc.exitcode}" if dead
+                   else f"silent for {now - w.last_heard:.0f}s (rollout.worker_timeout_s={self.worker_timeout_s})")
             if w.restarts >= self.max_restarts:
                 raise WorkerError(f"generation worker {w.index} {why}; restarted {w.restarts} times already "
                                   f"(rollout.max_worker_restarts={self.max_restarts}), stopping")
@@ -317,7 +319,7 @@ class WorkerPool:
         for w in self.workers:
             try:
                 w.ctrl_q.put(("stop",))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         for w in self.workers:
             w.proc.join(timeout=10)

@@ -80,7 +80,7 @@ def load_rows(path: str, split: str, subset: str | None = None) -> tuple[list[di
         datasets.disable_progress_bars()  # a local file loads in a blink; its bars would bury a data error's one line
         try:
             ds = load_dataset(builder, data_files={split: str(p)}, split=split)
-        except Exception as e:  # noqa: BLE001 - a file datasets cannot read: say which, in one line
+        except Exception as e:
             raise DataError(f"{p}: cannot be read as {builder}: {_first_line(e)}") from e
         finally:
             if shown:
@@ -95,7 +95,7 @@ def load_rows(path: str, split: str, subset: str | None = None) -> tuple[list[di
         raise DataError(f"{path}: no such file or folder")
     try:
         ds = load_dataset(path, subset, split=split)
-    except Exception as e:  # noqa: BLE001 - the hub (or its cache) could not give it: one line
+    except Exception as e:
         raise DataError(f"{path}: not a local file or folder, and the hub dataset could not be loaded (this machine may "
                         f"have no hub access; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {_first_line(e)}") from None
     return [dict(r) for r in ds], f"{path}[{split}]"
