@@ -15,7 +15,7 @@ import pytest
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.rollout.base import SamplingSpec, check_groups
 from tests.recipe_utils import ROOT, worker_pool
-from tests.test_remote import _Handler, server  # noqa: F401 - the stand-in vLLM server fixture
+from tests.rollout.test_remote import _Handler, server  # noqa: F401 - the stand-in vLLM server fixture
 
 SPEC = SamplingSpec(n=2, logprobs=True)
 PROMPTS = [Prompt("a", [{"role": "user", "content": "1+1?"}]), Prompt("b", [{"role": "user", "content": "2+2?"}])]

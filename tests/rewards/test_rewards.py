@@ -41,7 +41,7 @@ def trl_style_reward(prompts, completions, **kwargs):
 
 
 def test_trl_style_function_by_dotted_path():
-    scorer = RewardScorer(["tests.test_rewards:trl_style_reward"])
+    scorer = RewardScorer(["tests.rewards.test_rewards:trl_style_reward"])
     groups = _groups(["5", " 5 ", "6"])
     m = scorer.score(groups)
     assert rewards_of(groups[0]) == [1.0, 1.0, 0.0] and m["reward/mean"] == pytest.approx(2 / 3)
@@ -76,18 +76,18 @@ def wrong_length(prompts, completions, **kw):
 
 @pytest.mark.parametrize("fn, reason", [("raises", "raised"), ("wrong_length", "wrong_length"), ("all_none", "none_or_nan")])
 def test_failing_reward_alone_stops_the_step_naming_it(fn, reason):
-    scorer = RewardScorer([f"tests.test_rewards:{fn}"], timeout_s=2)
-    with pytest.raises(RewardError, match=f"tests.test_rewards:{fn}:{reason}"):
+    scorer = RewardScorer([f"tests.rewards.test_rewards:{fn}"], timeout_s=2)
+    with pytest.raises(RewardError, match=f"tests.rewards.test_rewards:{fn}:{reason}"):
         scorer.score(_groups(["5", "6", "7"]))
 
 
 def test_hanging_reward_times_out_and_is_counted():
-    scorer = RewardScorer(["numeric", "tests.test_rewards:hangs"], timeout_s=0.5)
+    scorer = RewardScorer(["numeric", "tests.rewards.test_rewards:hangs"], timeout_s=0.5)
     groups = _groups(["5", "6", "7"])
     t0 = time.time()
     m = scorer.score(groups)
     assert time.time() - t0 < 5
-    assert m["reward/dropped_tests.test_rewards:hangs:timeout"] == 3
+    assert m["reward/dropped_tests.rewards.test_rewards:hangs:timeout"] == 3
     assert rewards_of(groups[0]) == [1.0, 0.0, 0.0]  # the other function still scored them
     scorer.close()
 
@@ -99,8 +99,8 @@ def plus_minus_inf(prompts, completions, **kw):
 def test_infinite_rewards_are_dropped_and_counted():
     """An inf would make the baseline and every advantage of its group inf: dropped like NaN."""
     groups = _groups(["5", "6", "7"])
-    m = RewardScorer(["tests.test_rewards:plus_minus_inf"]).score(groups)
-    assert rewards_of(groups[0]) == [None, None, 1.0] and m["reward/dropped_tests.test_rewards:plus_minus_inf:none_or_nan"] == 2
+    m = RewardScorer(["tests.rewards.test_rewards:plus_minus_inf"]).score(groups)
+    assert rewards_of(groups[0]) == [None, None, 1.0] and m["reward/dropped_tests.rewards.test_rewards:plus_minus_inf:none_or_nan"] == 2
 
 
 def test_reward_std_over_scored_samples():
@@ -111,13 +111,13 @@ def test_reward_std_over_scored_samples():
 
 def test_nan_and_none_samples_are_dropped_and_counted():
     groups = _groups(["5", "6", "7"])
-    m = RewardScorer(["tests.test_rewards:nan_and_none"]).score(groups)
+    m = RewardScorer(["tests.rewards.test_rewards:nan_and_none"]).score(groups)
     assert rewards_of(groups[0]) == [None, None, 1.0]
-    assert m["reward/dropped"] == 2 and m["reward/dropped_tests.test_rewards:nan_and_none:none_or_nan"] == 2
+    assert m["reward/dropped"] == 2 and m["reward/dropped_tests.rewards.test_rewards:nan_and_none:none_or_nan"] == 2
 
 
 @pytest.mark.parametrize("spec, msg", [("nosuch", "not a built-in"), ("no_such_pkg.mod:f", "cannot import module"),
-                                       ("tests.test_rewards:missing", "no callable 'missing'")])
+                                       ("tests.rewards.test_rewards:missing", "no callable 'missing'")])
 def test_unknown_reward_fails_at_start_up(spec, msg):
     with pytest.raises(RewardError, match=msg):
         resolve_reward(spec)

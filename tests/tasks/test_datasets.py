@@ -11,7 +11,7 @@ from asymre.rewards.builtin import math_verify, numeric
 from asymre.tasks import build_task
 from asymre.tasks.datasets import DataError, last_boxed
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 
 
 def test_gsm8k_folder_train_and_test_splits():
