@@ -200,8 +200,8 @@ def run_with_timeout(fn, timeout_s: float, what: str):
     """Run fn() and raise SyncTimeout naming `what` if it exceeds timeout_s.
 
     On the main thread a SIGALRM timer interrupts it (the call stays on this thread: vLLM's CPU backend
-    binds its OpenMP threads to the main thread, and the same reload ran twice as slow on a helper
-    thread). Elsewhere fn runs on a helper thread that is abandoned on timeout."""
+    binds its OpenMP threads to the main thread, and the same reload is much slower on a helper thread:
+    docs/benchmarks.md, "The off-policy loop's parts"). Elsewhere fn runs on a helper thread that is abandoned on timeout."""
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
         def on_alarm(signum, frame):
             raise SyncTimeout(f"weight push to {what} did not finish within sync.timeout_s={timeout_s}s")

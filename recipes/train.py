@@ -30,7 +30,7 @@ from asymre.learner import Learner
 from asymre.models import check_model_name, load_tokenizer, resolve_model
 from asymre.monitor import CollapseMonitor
 from asymre.rewards import RewardError, RewardScorer
-from asymre.rollout import check_rollout_config
+from asymre.rollout import check_rollout_config, resolve_backend
 from asymre.rollout.modes import Rollout, make_rollout
 from asymre.run_dir import RunDirError, open_run_dir
 from asymre.sync import WeightSync
@@ -82,7 +82,8 @@ class AsymRERecipe:
         if self.main:
             final_model = self.learner.weight_bytes(self.learner.save_dtype) if cfg.checkpoint.save_final_model else 0
             warn_if_disk_short(cfg, self.run_dir, self._checkpoint_bytes(self.rollout.keeps_behaviour), final_model)
-        log.info("setup done: backend=%s mode=%s model=%s run_dir=%s", cfg.rollout.backend, cfg.rollout.mode, model_path, self.run_dir)
+        log.info("setup done: backend=%s mode=%s model=%s run_dir=%s", resolve_backend(cfg.rollout.backend), cfg.rollout.mode, model_path,
+                 self.run_dir)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _open_run_dir(self) -> Path | None:

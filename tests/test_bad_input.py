@@ -56,6 +56,9 @@ ROWS = [  # (overrides, the one line it prints); {d} is the folder of the data f
      "config error: eval.generation_kwargs: 'topk' is unknown to the vllm engine's sampling parameters"),
     (["rollout.generation_kwargs={{temperature: 0.5}}"], "config error: rollout.generation_kwargs: 'temperature' is set by "
      "asymre's own keys (rollout.group_size, temperature, top_p, max_new_tokens, seed)"),
+    (["rollout.backend=tests.fakes:SlowGenerator", "task.chat_template_kwargs={{enable_thinking: false}}"],
+     "config error: rollout.backend=tests.fakes:SlowGenerator: the factory takes no chat_template_kwargs, but "
+     "task.chat_template_kwargs={{'enable_thinking': False}} is set"),
     (["learner.lrr=1"], "config error: command line: bad config key 'learner.lrr': Key 'lrr' not in 'LearnerConfig'. Did you mean: 'lr'?"),
 ]
 

@@ -99,3 +99,13 @@ def test_group_without_any_scored_sample_is_not_buffered():
         t.reward = None
     b.add([dead, _group(0, "ok")])
     assert [g.prompt.uid for g in b.groups] == ["ok"] and b.counts["dropped_unscored"] == 1
+
+
+def test_capacity_is_checked_for_every_rank_the_buffer_feeds():
+    """Async mode: one buffer deals every learner rank its groups, so it must hold groups_per_step x ranks."""
+    from asymre.config import ConfigError, load_config
+
+    cfg = load_config(None, ["buffer.capacity=8", "learner.groups_per_step=4", "buffer.min_groups=0"])
+    assert ReplayBuffer.from_config(cfg, ranks=2).capacity == 8
+    with pytest.raises(ConfigError, match=r"buffer.capacity=8 cannot hold one step's 12 groups \(learner.groups_per_step=4 x 3 learner ranks"):
+        ReplayBuffer.from_config(cfg, ranks=3)

@@ -119,3 +119,18 @@ def test_python_m_asymre_config_prints_the_markdown_and_import_is_silent():
     assert run.stdout == markdown() and not run.stderr
     imp = subprocess.run([sys.executable, "-c", "import asymre.config"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert imp.stdout == "" and imp.stderr == ""
+
+
+def test_training_command_help_lists_every_config_key(capsys):
+    """`recipes/train.py --help` shows describe()'s listing: every key with its default and its help."""
+    from tests.recipe_utils import load_recipe_module
+
+    with pytest.raises(SystemExit) as e:
+        load_recipe_module().main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out
+    flat = " ".join(out.split())  # the help text wraps
+    for row in describe():
+        assert f"  {row.key} = {yaml_value(row.default)}" in out, row.key
+        assert " ".join(row.help.split()) in flat, row.key

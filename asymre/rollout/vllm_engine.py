@@ -10,8 +10,8 @@ The push (`refresh_weights`, run inside the engine through `collective_rpc`) use
 as vLLM's `reload_weights`, without that function's layer-by-layer meta-device staging. On CPU vLLM
 packs every linear layer into a oneDNN handle and frees the plain weight, so the layers get a fresh
 weight to load into and are re-packed afterwards; on GPU that processing is a no-op and the load is a
-copy into the live weights. For the embedded model here it takes 0.56-0.83 of reload_weights' time
-in the same run (0.28 s against 0.49 s in the final bench; docs/benchmarks.md).
+copy into the live weights. It is faster than reload_weights on the embedded model (measured side by
+side in docs/benchmarks.md, "The off-policy loop's parts").
 Quantized models (where processing is not idempotent) take vLLM's `reload_weights`.
 On CPU: float32 (no AVX-512 BF16 here), eager mode, and an explicit KV-cache size.
 """

@@ -1,7 +1,8 @@
 """The built-in synthetic arithmetic task: "What is 3 + 5?", answered with just the number.
 
 Seeded, no download, difficulty set by `max_operand` and `operations`. The embedded SmolLM2-135M
-answers single-digit addition correctly about 15-17% of the time: a real, cheap target for RL.
+answers single-digit addition correctly only a small part of the time before training (measured in
+docs/benchmarks.md, "The main job"): a real, cheap target for RL.
 Train and eval prompts are disjoint (split on the operand pair, not on the draw).
 """
 
