@@ -16,6 +16,8 @@ from typing import Any
 
 from asymre.data import TrajectoryGroup
 
+SETTINGS = ("capacity", "max_staleness", "sampling", "max_reuse")  # saved with the buffer, checked when it is restored
+
 
 class ReplayBuffer:
     def __init__(self, capacity: int = 256, max_staleness: int = 1000, sampling: str = "fifo", max_reuse: int = 1, seed: int = 0):
@@ -98,9 +100,15 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"groups": [g.to_dict() for g in self.groups], "counts": dict(self.counts), "rng": self.rng.getstate(),
-                "capacity": self.capacity, "max_staleness": self.max_staleness, "sampling": self.sampling, "max_reuse": self.max_reuse}
+                **{key: getattr(self, key) for key in SETTINGS}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a saved buffer into one built with the same settings; a saved buffer made with other settings
+        (another capacity, staleness bound, sampling mode or reuse count) is refused, naming the key."""
+        for key in SETTINGS:
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"buffer.{key}: the saved buffer was made with {state[key]!r}, this run has {getattr(self, key)!r}; "
+                                 f"resume with the run's own buffer settings")
         self.groups = deque(TrajectoryGroup.from_dict(g) for g in state["groups"])
         self.counts = Counter(state["counts"])
         rng = state["rng"]

@@ -2,7 +2,8 @@
 
 `SlowGenerator` is a deliberately slow generation backend, loadable by `rollout.backend=tests.fakes:SlowGenerator`:
 it answers arithmetic prompts with a right or wrong number (real token ids from the real tokenizer),
-sleeps `ASYMRE_FAKE_GEN_SLEEP` seconds a call, and appends each call's wall-clock interval and policy
+sleeps `ASYMRE_FAKE_GEN_SLEEP` seconds a call, tags every sample with the sum of the weights it was last pushed
+(`Trajectory.extras["weights_sum"]`: a test sees which weights produced it), and appends each call's wall-clock interval and policy
 version to the JSONL file `ASYMRE_FAKE_GEN_LOG` so a test can see when generation ran.
 """
 
@@ -25,6 +26,7 @@ class SlowGenerator:
         self.sleep = float(os.environ.get("ASYMRE_FAKE_GEN_SLEEP", "1.0"))
         self.log = os.environ.get("ASYMRE_FAKE_GEN_LOG")
         self.version = 0
+        self.weights_sum = None  # of the last weights pushed (None: the initial ones)
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
         t0 = time.time()
@@ -36,7 +38,7 @@ class SlowGenerator:
             for _ in range(spec.n):
                 ans = p.columns["answer"] if self.rng.random() < 0.5 else str(self.rng.randint(0, 20))
                 comp = self.tokenizer(ans, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-                trajs.append(Trajectory(comp, ans, "stop", logprobs=[-1.0] * len(comp)))
+                trajs.append(Trajectory(comp, ans, "stop", logprobs=[-1.0] * len(comp), extras={"weights_sum": self.weights_sum}))
             groups.append(TrajectoryGroup(p, pid, trajs, self.version))
         if self.log:
             with open(self.log, "a") as f:
@@ -45,10 +47,10 @@ class SlowGenerator:
 
     def load_weights(self, weights, version: int) -> None:
         if isinstance(weights, str):
-            assert os.path.isfile(os.path.join(weights, "model.safetensors")), weights
-        else:
-            for _ in weights:
-                pass
+            from asymre.sync import read_weights_folder
+
+            weights = read_weights_folder(weights)
+        self.weights_sum = sum(float(t.sum()) for _, t in weights)
         self.version = version
 
     def close(self) -> None:

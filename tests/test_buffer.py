@@ -77,6 +77,18 @@ def test_state_round_trip_through_json():
     assert [g.prompt.uid for g in c.sample(2, 4)] == [g.prompt.uid for g in b.sample(2, 4)]  # same RNG stream
 
 
+@pytest.mark.parametrize("key, value", [("capacity", 6), ("max_staleness", 8), ("sampling", "fifo"), ("max_reuse", 3)])
+def test_restore_refuses_a_buffer_saved_with_other_settings(key, value):
+    """The saved settings are not silently replaced by the new buffer's: restoring into other settings is refused."""
+    settings = {"capacity": 5, "max_staleness": 9, "sampling": "reuse", "max_reuse": 2}
+    b = ReplayBuffer(**settings)
+    b.add([_group(1)])
+    c = ReplayBuffer(**{**settings, key: value})
+    with pytest.raises(ValueError, match=f"buffer.{key}: the saved buffer was made with"):
+        c.load_state_dict(json.loads(json.dumps(b.state_dict())))
+    assert len(c) == 0
+
+
 def test_group_json_stores_prompt_ids_and_version_once():
     """A checkpoint holds each group's prompt token ids and behaviour version once, not once per sample."""
     g = _group(3, reward=0.5)

@@ -49,6 +49,20 @@ def test_rotation_keeps_the_newest_and_skips_half_written(acc_model, tmp_path):
     assert state == {"learner_step": 6} and behaviour is None
 
 
+def test_behaviour_weights_round_trip(acc_model, tmp_path):
+    """A checkpoint taken while the engine lags keeps the engine's weights (tied names included), and loads them back
+    exactly; one taken in step with the engine has none."""
+    acc, model, opt = acc_model
+    _train_step(model, opt)
+    shared = torch.randn(8, 4)
+    behaviour = {"embed.weight": shared, "lm_head.weight": shared, "norm.weight": torch.arange(4.0), "step": torch.tensor([3])}
+    save_checkpoint(acc, tmp_path / "run", 4, {"learner_step": 4, "engine_version": 3}, behaviour)
+    state, loaded = load_checkpoint(acc, latest_checkpoint(tmp_path / "run"))
+    assert state == {"learner_step": 4, "engine_version": 3}
+    assert loaded.keys() == behaviour.keys() and all(torch.equal(loaded[k], behaviour[k]) for k in behaviour)
+    assert loaded["step"].dtype == torch.int64
+
+
 def test_no_room_for_the_next_checkpoint_fails_before_writing(acc_model, tmp_path, monkeypatch):
     acc, model, opt = acc_model
     run = tmp_path / "run"

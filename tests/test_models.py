@@ -9,7 +9,9 @@ from asymre.models import cache_root, load_model, load_tokenizer, resolve_model
 
 
 def test_embedded_model_loads_from_cache_and_generates(model_path):
-    """Fails if the conversion cache is broken or the converted weights do not generate text."""
+    """Fails if the conversion cache is broken or the converted weights are not the model's: a converted model
+    predicts plain English well (1.69 nats per token measured; one layer's rows shuffled gives 9.6, uniform
+    guessing 10.8), and generates text."""
     assert os.path.isfile(os.path.join(model_path, "model.safetensors"))
     assert os.path.isfile(os.path.join(model_path, "asymre-complete.json"))
     tok = load_tokenizer(model_path)
@@ -19,6 +21,10 @@ def test_embedded_model_loads_from_cache_and_generates(model_path):
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
+    plain = tok("The capital of France is Paris. The capital of Germany is Berlin. One, two, three, four, five, six, seven.",
+                return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert model(input_ids=plain, labels=plain).loss.item() < 3.0
 
 
 def test_second_resolve_reuses_cache(model_path):

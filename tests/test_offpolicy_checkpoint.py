@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from asymre.config import load_config
 from asymre.models import load_tokenizer
+from asymre.tracking import read_metrics
 from tests.fakes import SlowGenerator
 from tests.recipe_utils import load_recipe_module
 
@@ -31,8 +32,9 @@ class RecordingGenerator(SlowGenerator):
         RecordingGenerator.LOADS.append(self.loads)
 
     def load_weights(self, weights, version):
-        self.loads.append((version, {k: v.detach().clone() for k, v in weights}))
-        self.version = version
+        weights = {k: v.detach().clone() for k, v in weights}
+        self.loads.append((version, weights))
+        super().load_weights(iter(weights.items()), version)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,9 @@ def test_checkpoint_between_pushes_keeps_the_engines_weights_and_resume_gives_th
     # one push after step 3 (the engine served steps 1-3 with the initial weights), then the final policy for the
     # final evaluation, after the final checkpoint was written
     assert [v for v, _ in first] == [3, 4]
+    rows = [r for r in read_metrics(run) if "loss/value" in r]
+    # staleness from the versions the engine put on its groups: v0 samples at learner steps 0, 1, 2, then v3 ones
+    assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 2, 0]
     initial = load_file(str(tiny_llm / "model.safetensors"))
     ck = run / "checkpoints"
     for step, engine_weights, version in ((2, initial, 0), (4, first[0][1], 3)):

@@ -129,24 +129,27 @@ def test_broadcast_reaches_the_vllm_engine_in_a_worker_process(model_path):
 
 
 @pytest.mark.slow
-def test_restarted_worker_gets_the_broadcast_weights_again(model_path, monkeypatch):
-    """A worker that dies after a push comes back with the pushed weights (its samples carry that version)."""
+@pytest.mark.parametrize("method", ["broadcast", "disk"])
+def test_restarted_worker_gets_the_pushed_weights_again(model_path, monkeypatch, tmp_path, method):
+    """A worker that dies after a push comes back with the pushed weights: its samples carry that version, and
+    were generated from those weights (the fake tags each sample with the sum of the weights it holds)."""
     monkeypatch.setenv("ASYMRE_FAKE_GEN_SLEEP", "0.1")
     monkeypatch.setenv("ASYMRE_FAKE_DIE_AT", "2")  # each incarnation dies on its second request
     train, _ = build_task(load_config().task)
     pool = worker_pool(model_path, "tests.fakes:DyingGenerator", worker_timeout_s=60, max_restarts=1)
     try:
-        WeightSync(interval=1, method="broadcast", timeout_s=60).push({"w": torch.ones(8), "v": torch.zeros(2)}, 3, pool.handles)
-        versions = []
+        WeightSync(interval=1, method=method, timeout_s=60, folder=tmp_path).push({"w": torch.ones(8), "v": torch.zeros(2)}, 3, pool.handles)
+        got_versions, sums = [], []
         for i in range(2):
             pool.submit(train[i:i + 1], SamplingSpec(n=1, max_new_tokens=4))
             deadline = time.time() + 120
             got = []
             while not got and time.time() < deadline:
                 got = pool.poll(timeout=1.0)
-            versions += [grp.version for _, groups, _ in got for grp in groups]
+            got_versions += [grp.version for _, groups, _ in got for grp in groups]
+            sums += [t.extras["weights_sum"] for _, groups, _ in got for grp in groups for t in grp.trajectories]
         assert pool.workers[0].restarts == 1
-        assert versions == [3, 3]
+        assert got_versions == [3, 3] and sums == [8.0, 8.0]
     finally:
         pool.close()
 

@@ -88,6 +88,17 @@ def test_vllm_generate_buffer_learn_push(engine, model_path, tmp_path):
     assert engine.version == 2
     assert torch.allclose(torch.tensor(_engine_logprobs(engine, prompt_ids, fixed.completion_ids)), second, atol=1e-3)
 
+    # the buffer evicts by the versions the real engine put on its groups: v0 leftovers, v1 and v2 groups mixed
+    newest = engine.generate(train[5:6], SamplingSpec(n=2, temperature=1.0, max_new_tokens=4, seed=2))
+    assert [g.version for g in newest] == [2]
+    for t in (t for g in new + newest for t in g.trajectories):
+        t.reward = 0.0
+    mixed = ReplayBuffer(capacity=16, max_staleness=1)
+    mixed.add(groups[:2] + new + newest)
+    assert [g.version for g in mixed.groups] == [0, 0, 1, 2]
+    assert mixed.available(learner_version=2) == 2
+    assert [g.version for g in mixed.sample(4, learner_version=2)] == [1, 2]  # the v0 groups are past max_staleness
+
 
 def _hf_state(model_path, noise: float, seed: int = 0):
     from transformers import AutoModelForCausalLM

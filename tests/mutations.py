@@ -1,0 +1,108 @@
+"""The mutations the suite must catch (issue #19): one small change to the code at a time, and the tests that fail.
+
+    .venv/bin/python -m tests.mutations            # apply each mutation, run its tests, report caught / survived
+    .venv/bin/python -m tests.mutations --list     # the table only
+
+Each entry names the line it breaks (the exact text, so an entry whose line moved or changed fails
+`tests/test_mutations.py` in the fast tier and gets updated with the code), what the break means, and the tests
+that catch it; all but the vLLM version tag are caught by the fast tier. The source file is restored after each
+run, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids (or files) that fail once it is applied
+    fast: bool = True  # caught by the fast tier (`make test-fast`)
+
+
+MUTATIONS = [
+    Mutation("the learner flips delta_V's sign (trains at V = mean + 0.1: the collapsing regime)", "asymre/advantages.py",
+             "delta_v_at(step, lc.delta_v, lc.delta_v_final, lc.delta_v_steps)", "-delta_v_at(step, lc.delta_v, lc.delta_v_final, lc.delta_v_steps)",
+             ("tests/test_learner.py::test_step_baselines_written_out_by_hand", "tests/test_advantages.py")),
+    Mutation("the learner puts every sample of a step in one group", "asymre/learner.py", "                gids.append(gi)",
+             "                gids.append(0)", ("tests/test_learner.py::test_step_baselines_written_out_by_hand",)),
+    Mutation("train_step passes no normaliser (each micro-batch averages itself)", "asymre/learner.py",
+             "loss, m = self._micro_loss(batch, idx, normalizer)", "loss, m = self._micro_loss(batch, idx, None)",
+             ("tests/test_learner.py::test_train_step_gradient_is_the_whole_batch_loss_gradient",
+              "tests/test_learner.py::test_micro_batching_equals_full_batch_gradient")),
+    Mutation("a checkpoint saves the learner's weights instead of the lagging engine's behaviour weights", "recipes/train.py",
+             "behaviour = self.rollout.behaviour(step)", "behaviour = self.learner.full_state_dict()",
+             ("tests/test_offpolicy_checkpoint.py",)),
+    Mutation("resume gives the engine the learner's weights instead of the saved behaviour weights", "asymre/rollout/modes.py",
+             "        self.sync.push(weights, version, [self.engine])\n        self.last_pushed = behaviour",
+             "        self.sync.push(self.weights(), version, [self.engine])\n        self.last_pushed = behaviour",
+             ("tests/test_offpolicy_checkpoint.py",)),
+    Mutation("the vLLM generator tags every group with version 0", "asymre/rollout/vllm_engine.py",
+             "trajectories=trajs, version=self.version)", "trajectories=trajs, version=0)",
+             ("tests/rollout/test_vllm_engine.py::test_vllm_generate_buffer_learn_push",), fast=False),
+    Mutation("rewards of +/-inf are kept", "asymre/rewards/__init__.py", "bad = math.isnan(f) or math.isinf(f)", "bad = math.isnan(f)",
+             ("tests/rewards/test_rewards.py::test_infinite_rewards_are_dropped_and_counted",)),
+    Mutation("WeightSync.due is off by one", "asymre/sync.py", "return learner_step > 0 and learner_step % self.interval == 0",
+             "return learner_step > 0 and (learner_step + 1) % self.interval == 0",
+             ("tests/test_learner.py::test_weight_push_is_due_every_interval_steps", "tests/test_offpolicy_checkpoint.py")),
+    Mutation("collected groups are tagged with the learner's step instead of the engine's version", "asymre/rollout/modes.py",
+             "            self.buffer.add(groups)\n        return self.buffer.sample(n, learner_step), metrics",
+             "            [setattr(g, 'version', learner_step) for g in groups]\n            self.buffer.add(groups)\n"
+             "        return self.buffer.sample(n, learner_step), metrics",
+             ("tests/test_offpolicy_checkpoint.py",)),
+    Mutation("the running baseline is not restored on resume", "recipes/train.py",
+             '        self.learner.running.load_state_dict(state["running_baseline"])\n', "",
+             ("tests/test_offpolicy_checkpoint.py",)),
+]
+
+
+def apply(m: Mutation) -> tuple[Path, str]:
+    """Write the mutation into its file; returns (file, original text) for the restore."""
+    path = ROOT / m.path
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        raise LookupError(f"{m.path}: the line this mutation breaks ({m.old!r}) is not there exactly once: update tests/mutations.py")
+    path.write_text(text.replace(m.old, m.new))
+    return path, text
+
+
+def run(m: Mutation) -> bool:
+    """True when at least one of its tests fails with the mutation applied."""
+    path, original = apply(m)
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests], cwd=ROOT,
+                           capture_output=True, text=True)
+        return r.returncode == 1  # 1: tests failed (not 2-5: an error collecting or running them)
+    finally:
+        path.write_text(original)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--list", action="store_true", help="print the table, run nothing")
+    a = p.parse_args()
+    survived = []
+    for m in MUTATIONS:
+        tier = "fast" if m.fast else "slow"
+        if a.list:
+            print(f"- {m.what} ({m.path}; {tier}): {', '.join(m.tests)}")
+            continue
+        caught = run(m)
+        print(f"{'caught  ' if caught else 'SURVIVED'} [{tier}] {m.what}", flush=True)
+        if not caught:
+            survived.append(m.what)
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
