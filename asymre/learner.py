@@ -19,10 +19,10 @@ import torch
 
 from asymre.advantages import ADVANTAGES
 from asymre.baselines import RunningBaseline
-from asymre.config import Config
+from asymre.config import Config, ConfigError
 from asymre.data import TrajectoryGroup
-from asymre.loss import LOSSES, NEEDS_BEHAVIOUR_LOGPROBS, token_logprobs
-from asymre.models import load_model
+from asymre.loss import LOSSES, NEEDS_BEHAVIOUR_LOGPROBS, token_logprobs_and_entropy
+from asymre.models import load_model, torch_dtype
 
 
 @dataclass
@@ -78,7 +78,14 @@ class Learner:
 
         own = getattr(AutoConfig.from_pretrained(model_path), "dtype", None)  # the checkpoint's dtype: final models keep it
         self.save_dtype = getattr(torch, own) if isinstance(own, str) else own
-        model = load_model(model_path, cfg.model.dtype)
+        # Master weights and AdamW state in float32, compute in model.dtype (autocast): bf16 parameters stepped by AdamW
+        # lose every update below bf16's resolution (at the paper's lr 6e-8, almost all of them). Under FSDP and
+        # DeepSpeed their own mixed-precision settings (the accelerate config's mixed_precision) take over.
+        self.compute_dtype = torch_dtype(cfg.model.dtype)
+        if self.compute_dtype == torch.float16 and accelerator.mixed_precision != "fp16":
+            raise ConfigError("model.dtype=float16 trains with float32 master weights under Accelerate's fp16 mixed precision, "
+                              "which scales the loss: set mixed_precision: fp16 in the accelerate config (or use bfloat16)")
+        model = load_model(model_path, "float32")
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -146,16 +153,21 @@ class Learner:
         to = lambda x: None if x is None else x.to(dev)  # noqa: E731
         return to(ids), to(attn), to(pos), to(labels), to(mask), to(old), keep
 
+    def _autocast(self):
+        """The forward in model.dtype over float32 weights: Accelerate's autocast when its config asks for mixed
+        precision (accelerate 1.15 `prepare_model` then also wraps the forward), else torch's, for bf16 as configured."""
+        if self.accelerator.mixed_precision != "no" or self.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=self.compute_dtype)
+
     def _micro_loss(self, batch: StepBatch, idx: list[int], normalizer: float):
         ids, attn, pos, labels, mask, old, keep = self._collate(batch, idx)
         # logits for positions L-keep-1 .. L-2 predict tokens L-keep .. L-1
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep + 1, use_cache=False)
-        logits = out.logits[:, :-1]  # [b, keep, V]
-        logp = token_logprobs(logits, labels)  # [b, keep]
-        with torch.no_grad():  # policy entropy on the sampled positions: a collapse signal
-            lf = logits.float()  # [b, keep, V]
-            ent = torch.logsumexp(lf, -1) - (torch.softmax(lf, -1) * lf).sum(-1)  # [b, keep]
-            entropy = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
+        with self._autocast():
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep + 1, use_cache=False)
+        # [b, keep] each; the entropy on the sampled positions is a collapse signal (no gradient)
+        logp, ent = token_logprobs_and_entropy(out.logits[:, :-1], labels)
+        entropy = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
         sel = torch.tensor(idx)
         lc = self.cfg.loss
         adv = batch.advantages[sel].to(logp.device)  # [b]

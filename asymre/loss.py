@@ -35,6 +35,73 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)  # [B, T]
 
 
+class _ChunkedLogProbEntropy(torch.autograd.Function):
+    """log pi(label_t | prefix) with its gradient, and the policy entropy at each position (no gradient), computed
+    `chunk` positions at a time in float32 from logits kept in their own dtype.
+
+    Memory: the plain path (`token_logprobs` plus an entropy) materialises float32 copies of the whole [B, T, V]
+    logits, a softmax and their product, and autograd keeps some for backward: several times the logits tensor.
+    Here forward saves only the logits (already alive: the LM head made them) and one log-normaliser per position;
+    backward recomputes each chunk's softmax and writes d logp / d logits = onehot(label) - softmax straight into
+    the gradient tensor (the gradient itself is one logits-sized tensor, as in any path). Peak extra memory is that
+    gradient plus one float32 chunk. Values equal the plain path's up to float rounding."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, chunk):  # logits [B, T, V], labels [B, T]
+        b, t, _ = logits.shape
+        with torch.autocast(logits.device.type, enabled=False):  # float32 maths whatever the caller's autocast
+            return _ChunkedLogProbEntropy._forward(ctx, logits, labels, chunk, b, t)
+
+    @staticmethod
+    def _forward(ctx, logits, labels, chunk, b, t):
+        logp = torch.empty((b, t), dtype=torch.float32, device=logits.device)  # [B, T]
+        ent = torch.empty_like(logp)  # [B, T]
+        lse = torch.empty_like(logp)  # [B, T] log-normaliser, saved for backward
+        for i in range(b):
+            for s in range(0, t, chunk):
+                lf = logits[i, s:s + chunk].float()  # [c, V]
+                z = torch.logsumexp(lf, dim=-1)  # [c]
+                lse[i, s:s + chunk] = z
+                logp[i, s:s + chunk] = lf.gather(-1, labels[i, s:s + chunk, None]).squeeze(-1) - z
+                p = (lf - z[:, None]).exp_()  # [c, V] softmax, in place of its own temporary
+                ent[i, s:s + chunk] = z - (p[:, None, :] @ lf[:, :, None]).view(-1)  # sum_v p * logit, without a [c, V] product
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ent):  # grad_logp [B, T]
+        logits, labels, lse = ctx.saved_tensors
+        with torch.autocast(logits.device.type, enabled=False):
+            return _ChunkedLogProbEntropy._backward(ctx, grad_logp, logits, labels, lse)
+
+    @staticmethod
+    def _backward(ctx, grad_logp, logits, labels, lse):
+        grad = torch.empty_like(logits)  # [B, T, V] in the logits' dtype
+        b, t, _ = logits.shape
+        for i in range(b):
+            for s in range(0, t, ctx.chunk):
+                g = grad_logp[i, s:s + ctx.chunk].float()  # [c]
+                d = logits[i, s:s + ctx.chunk].to(torch.float32, copy=True)  # [c, V], a copy even when the logits are float32
+                d.sub_(lse[i, s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax
+                d.scatter_add_(-1, labels[i, s:s + ctx.chunk, None], g[:, None])  # + g at the label
+                grad[i, s:s + ctx.chunk].copy_(d)
+        return grad, None, None
+
+
+CHUNK_BYTES = 32 * 2**20  # one float32 chunk of logits: its few temporaries stay small beside the logits themselves
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(label_t | prefix) [B, T] with gradient, policy entropy [B, T] without) from logits [B, T, V] predicting
+    labels [B, T], `chunk` positions at a time (default: CHUNK_BYTES of float32 logits; see `_ChunkedLogProbEntropy`:
+    peak extra memory about one logits tensor, where the plain path takes several)."""
+    if chunk is None:
+        chunk = max(1, CHUNK_BYTES // (4 * logits.shape[-1]))
+    return _ChunkedLogProbEntropy.apply(logits, labels, chunk)
+
+
 def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, normalizer: float | None) -> torch.Tensor:
     """per_token [B, T], mask [B, T] -> scalar."""
     masked = per_token * mask  # [B, T]

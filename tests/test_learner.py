@@ -239,3 +239,27 @@ def test_weight_push_is_due_every_interval_steps():
     sync = WeightSync(interval=3, method="inprocess", timeout_s=1.0, folder="/tmp/unused")
     assert [s for s in range(0, 10) if sync.due(s)] == [3, 6, 9]
     assert [s for s in range(0, 4) if WeightSync(1, "inprocess", 1.0, "/tmp/unused").due(s)] == [1, 2, 3]
+
+
+def test_bf16_learner_keeps_float32_master_weights_and_learns_at_the_papers_lr(tiny_model_path):
+    """model.dtype=bfloat16 at lr 6e-8 (the paper's): updates must land. Stepping AdamW on bf16 parameters loses
+    almost all of them below bf16's resolution; float32 master weights with bf16 compute keep them."""
+    learner = _learner(tiny_model_path, **{"model.dtype": "bfloat16", "learner.lr": 6e-8, "learner.warmup_steps": 0})
+    name = "model.layers.0.mlp.down_proj.weight"
+    before = learner.unwrapped().state_dict()[name].clone()
+    assert before.dtype == torch.float32 and learner.compute_dtype == torch.bfloat16
+    seen = []
+    hook = learner.unwrapped().model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    for seed in range(3):
+        learner.train_step(_groups(seed))
+    hook.remove()
+    changed = (learner.unwrapped().state_dict()[name] != before).float().mean().item()
+    assert changed >= 0.9, changed
+    assert set(seen) == {torch.bfloat16}  # the forward computed in bf16
+
+
+def test_float16_without_accelerate_fp16_is_refused(tiny_model_path):
+    from asymre.config import ConfigError
+
+    with pytest.raises(ConfigError, match="mixed_precision: fp16"):
+        _learner(tiny_model_path, **{"model.dtype": "float16"})

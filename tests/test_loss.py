@@ -132,3 +132,32 @@ def test_token_logprobs_matches_log_softmax():
     labels = torch.randint(0, 11, (2, 5))
     ref = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
     assert torch.allclose(token_logprobs(logits, labels), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_chunked_logprobs_and_entropy_equal_the_plain_path(dtype, chunk):
+    """Values and gradients of the chunked path equal autograd through the plain one (fp32 maths on the same logits),
+    for a non-contiguous slice of the logits as the learner passes it, chunks that do not divide the length included."""
+    from asymre.loss import token_logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(0)
+    full = (torch.randn(3, 8, 50, generator=g) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    weights = torch.randn(3, 7, generator=g)  # an arbitrary upstream gradient
+    before = full.detach().clone()
+
+    logp, ent = token_logprobs_and_entropy(full[:, :-1], labels, chunk=chunk)
+    (logp * weights).sum().backward()
+    assert torch.equal(full.detach(), before)  # the logits are the model's: never written to
+    got_grad, full.grad = full.grad.clone(), None
+
+    lf = full[:, :-1].float()
+    ref_logp = token_logprobs(full[:, :-1], labels)
+    ref_ent = torch.logsumexp(lf, -1) - (torch.softmax(lf, -1) * lf).sum(-1)
+    (ref_logp * weights).sum().backward()
+    assert logp.dtype == torch.float32 and not ent.requires_grad
+    assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(ent, ref_ent.detach(), atol=1e-4)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert got_grad.dtype == dtype and torch.allclose(got_grad.float(), full.grad.float(), atol=tol)
+    assert got_grad[:, -1].abs().sum() == 0  # the last position predicts nothing: no gradient
