@@ -133,6 +133,8 @@ class LearnerConfig:
     lr_schedule: str = _f("constant", "'constant', 'linear' or 'cosine' decay after warm-up.")
     groups_per_step: int = _f(16, "Groups (prompts) per learner step (the paper: 16 x G=8 = 128 trajectories).", "[1, inf)")
     micro_batch_tokens: int = _f(4096, "Token budget of one micro-batch (sequences are packed by length).", "[1, inf)")
+    shared_prompt: str = _f("auto", "Compute each group's prompt once, its G completions attending to it: 'on', 'off', or 'auto' "
+                            "(on, except under gradient checkpointing, FSDP or DeepSpeed).")
     seed: int = _f(0, "Seed of the learner and data order.")
 
 
@@ -209,6 +211,7 @@ _CHOICES = {
     "loss.baseline": {"group_mean", "leave_one_out", "constant", "running"},
     "loss.aggregation": {"seq_mean", "token_mean"},
     "learner.lr_schedule": {"constant", "linear", "cosine"},
+    "learner.shared_prompt": {"auto", "on", "off"},
     "sync.method": {"auto", "inprocess", "broadcast", "disk"},
     "eval.preset": {"greedy", "paper"},
     "reward.scale": {"01", "pm1"},
@@ -264,6 +267,8 @@ def check_buffer_capacity(cfg: Config, ranks: int = 1) -> None:
 
 def validate(cfg: Config) -> Config:
     """Checks that types alone cannot express; raises ConfigError naming the key."""
+    if cfg.learner.shared_prompt in ("True", "False"):  # YAML reads a bare on/off as a boolean
+        cfg.learner.shared_prompt = "on" if cfg.learner.shared_prompt == "True" else "off"
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:

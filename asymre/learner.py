@@ -1,11 +1,26 @@
 """The learner: an Accelerate-prepared model and optimiser that trains on scored trajectory groups.
 
 DDP, FSDP or DeepSpeed come from the accelerate config file, never from this code. A step computes the
-advantages over the whole step batch (asymre/advantages.py), then runs length-bucketed micro-batches
-(sequences sorted by length, packed up to `learner.micro_batch_tokens` padded tokens) with gradient
-accumulation, clips, and steps. Sequences are left-padded with explicit position ids, so only the last
-`max completion length + 1` positions go through the LM head (`logits_to_keep`): prompt logits are
-never computed. Alternative left out: padding-free packing, which needs flash-attention kernels.
+advantages over the whole step batch (asymre/advantages.py), then runs micro-batches (packed up to
+`learner.micro_batch_tokens` padded tokens) with gradient accumulation, clips, and steps. Master weights and
+optimizer state are float32; the forward runs in model.dtype under autocast. Log-probs and the entropy metric
+are computed chunk by chunk (`asymre.loss.token_logprobs_and_entropy`): no float32 copy of the whole logits.
+
+Shared prompts (learner.shared_prompt, on by default): the G samples of a group share their prompt, so each
+micro-batch holds whole groups; the prompts run once (left-padded) with a KV cache, the cache is gathered to one
+row per sample, and the completions (right-padded, positions continuing after their prompt) run against it, the
+gradient flowing back through the cache into the prompt's computation. Loss and gradients equal the one-row-
+per-sample path's up to float rounding (tests/test_learner.py), with the prompt's tokens computed once instead
+of G times (the default CPU task's prompts are most of its tokens: its speed-up is in docs/benchmarks.md).
+Trade-offs: two forward calls per micro-batch (the prompt pass through the bare module, so
+a DDP wrapper still sees one call per backward), the cache's keys and values held for backward, and micro-batches
+of whole groups (less even packing than by sequence length). Chosen over a block attention mask over
+[prompt, c1..cG] in one packed row, which needs 4D masks every attention implementation honours and per-sample
+position restarts; over expanding the cache without a copy (`index_select` copies the prompt's keys and values
+G times, small beside the completions' activations). Off under gradient checkpointing (no cache in training) and,
+until tested there, FSDP and DeepSpeed ('auto'); 'off' gives the row-per-sample path: each sample left-padded,
+only the last `max completion length + 1` positions through the LM head (`logits_to_keep`).
+Alternative left out: padding-free packing, which needs flash-attention kernels.
 """
 
 from __future__ import annotations
@@ -36,6 +51,8 @@ class StepBatch:
     baseline: torch.Tensor | None  # [B] the V in r - V (0 for reinforce), for loss/baseline_mean; None for grpo
     old_logps: list[list[float]] | None  # behaviour log-probs (losses in NEEDS_BEHAVIOUR_LOGPROBS)
     refs: list[tuple[int, int]] = field(default_factory=list)  # (group index, trajectory index) of each sample
+    prompt_lens: list[int] = field(default_factory=list)  # [B] prompt tokens at the head of each of `seqs`
+    groups: list[int] = field(default_factory=list)  # [B] each sample's group (0.. in the order of the step)
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +87,39 @@ def bucket_by_length(lengths: list[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
+def group_buckets(batch: StepBatch, token_budget: int) -> list[list[int]]:
+    """Sample indices in micro-batches of whole groups (shared prompts): groups sorted by length, each micro-batch's
+    padded prompts plus padded completions within token_budget (a group over it gets a micro-batch of its own)."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(batch.groups):
+        members.setdefault(g, []).append(i)
+    size = {g: (batch.prompt_lens[m[0]], max(batch.completion_lens[i] for i in m), len(m)) for g, m in members.items()}
+    out: list[list[int]] = []
+    cur: list[int] = []
+    p_max = c_max = samples = 0
+    for g in sorted(members, key=lambda g: size[g][0] + size[g][1]):
+        p, c, n = size[g]
+        cost = (len({batch.groups[i] for i in cur}) + 1) * max(p_max, p) + (samples + n) * max(c_max, c)
+        if cur and cost > token_budget:
+            out.append(cur)
+            cur, p_max, c_max, samples = [], 0, 0, 0
+        cur += members[g]
+        p_max, c_max, samples = max(p_max, p), max(c_max, c), samples + n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _shared_prompt(cfg: Config, accelerator) -> bool:
+    """learner.shared_prompt: 'auto' is on except where it is untested (FSDP, DeepSpeed) or where the model keeps no
+    KV cache in training (gradient checkpointing)."""
+    choice = cfg.learner.shared_prompt
+    if choice != "auto":
+        return choice == "on"
+    distributed = str(accelerator.distributed_type)
+    return not (cfg.model.gradient_checkpointing or "FSDP" in distributed or "DEEPSPEED" in distributed)
+
+
 class Learner:
     def __init__(self, cfg: Config, model_path: str, accelerator, tokenizer=None):
         self.cfg = cfg
@@ -99,6 +149,7 @@ class Learner:
         # left padding: any id works (padded positions are masked); the tokenizer's own pad (or EOS) id reads best
         ids = (tokenizer.pad_token_id, tokenizer.eos_token_id) if tokenizer is not None else ()
         self.pad_id = next((i for i in ids if i is not None), 0)
+        self.shared_prompt = _shared_prompt(cfg, accelerator)
         self.running = RunningBaseline(cfg.loss.running_momentum)
         self.step = 0  # learner version: the number of optimiser steps taken
         self.last_batch: StepBatch | None = None  # the last step's samples and advantages (completions log)
@@ -128,7 +179,8 @@ class Learner:
         if needs_old and any(x is None for x in old):
             raise ValueError(f"loss.name={lc.name} needs behaviour log-probs, but the generation backend returned none")
         a = ADVANTAGES[lc.name](lc, r, g, self.step, self.running, uids)  # [B] advantages, [B] baseline or None
-        return StepBatch(seqs, comp_lens, r, a.advantages, a.baseline, old if needs_old else None, refs)
+        prompt_lens = [len(s) - c for s, c in zip(seqs, comp_lens)]
+        return StepBatch(seqs, comp_lens, r, a.advantages, a.baseline, old if needs_old else None, refs, prompt_lens, gids)
 
     # ---- one optimiser step ----------------------------------------------------------------------
     def _collate(self, batch: StepBatch, idx: list[int]):
@@ -160,13 +212,78 @@ class Learner:
             return nullcontext()
         return torch.autocast(device_type=self.accelerator.device.type, dtype=self.compute_dtype)
 
-    def _micro_loss(self, batch: StepBatch, idx: list[int], normalizer: float):
+    def _sequence_logps(self, batch: StepBatch, idx: list[int]):
+        """Each sample as its own prompt + completion row: (logp, entropy, mask, behaviour logp), [b, keep] each."""
         ids, attn, pos, labels, mask, old, keep = self._collate(batch, idx)
         # logits for positions L-keep-1 .. L-2 predict tokens L-keep .. L-1
         with self._autocast():
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep + 1, use_cache=False)
-        # [b, keep] each; the entropy on the sampled positions is a collapse signal (no gradient)
-        logp, ent = token_logprobs_and_entropy(out.logits[:, :-1], labels)
+        logp, ent = token_logprobs_and_entropy(out.logits[:, :-1], labels)  # [b, keep] each
+        return logp, ent, mask, old
+
+    def _shared_prompt_logps(self, batch: StepBatch, idx: list[int]):
+        """Each group's prompt once, its completions attending to it: (logp, entropy, mask, behaviour logp), [b, C].
+
+        The prompts (left-padded, [n, P]) run once with a KV cache; the cache is gathered to one row per sample
+        (`index_select`: its backward sums each sample's gradient into its prompt's keys and values) and the
+        completions (right-padded, [b, C], positions continuing after their prompt) run against it. The prompt's
+        last position predicts each completion's first token; completion position t predicts token t + 1. Same
+        maths as `_sequence_logps`, with the prompt's tokens computed once per group instead of G times."""
+        dev = self.accelerator.device
+        rows = list(dict.fromkeys(batch.groups[i] for i in idx))  # this micro-batch's groups, in order
+        row_of = {g: r for r, g in enumerate(rows)}
+        first = {}
+        for i in idx:
+            first.setdefault(batch.groups[i], i)
+        plens = [batch.prompt_lens[first[g]] for g in rows]
+        width = max(plens)
+        pids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # [n, P] left-padded
+        pmask = torch.zeros((len(rows), width), dtype=torch.long)  # [n, P]
+        for r, g in enumerate(rows):
+            pids[r, width - plens[r]:] = torch.tensor(batch.seqs[first[g]][:plens[r]])
+            pmask[r, width - plens[r]:] = 1
+        sel = torch.tensor([row_of[batch.groups[i]] for i in idx])  # [b] each sample's prompt row
+        c_max = max(batch.completion_lens[i] for i in idx)
+        cids = torch.full((len(idx), c_max), self.pad_id, dtype=torch.long)  # [b, C] right-padded
+        mask = torch.zeros((len(idx), c_max), dtype=torch.float32)  # [b, C] 1 on completion tokens
+        old = torch.zeros((len(idx), c_max), dtype=torch.float32) if batch.old_logps is not None else None  # [b, C]
+        for row, i in enumerate(idx):
+            c = batch.completion_lens[i]
+            cids[row, :c] = torch.tensor(batch.seqs[i][batch.prompt_lens[i]:])
+            mask[row, :c] = 1
+            if old is not None:
+                old[row, :c] = torch.tensor(batch.old_logps[i][:c])
+        cpos = torch.tensor(plens)[sel][:, None] + torch.arange(c_max)[None]  # [b, C]
+        pids, pmask, sel, cids, mask, cpos = (x.to(dev) for x in (pids, pmask, sel, cids, mask, cpos))
+        with self._autocast():
+            # the prompt pass goes through the bare module: one call of a DDP wrapper per backward (the completions')
+            out_p = self.unwrapped()(input_ids=pids, attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
+                                     use_cache=True, logits_to_keep=1)
+            cache = out_p.past_key_values
+            cache.reorder_cache(sel)  # [n, ...] -> [b, ...]
+            attn = torch.cat([pmask[sel], mask.long()], dim=1)  # [b, P + C]
+            out_c = self.model(input_ids=cids, attention_mask=attn, position_ids=cpos, past_key_values=cache, use_cache=True,
+                               logits_to_keep=c_max)
+        lp0, e0 = token_logprobs_and_entropy(out_p.logits[sel], cids[:, :1])  # [b, 1] the first completion token
+        lpr, er = token_logprobs_and_entropy(out_c.logits[:, :-1], cids[:, 1:])  # [b, C - 1] the rest
+        return torch.cat([lp0, lpr], 1), torch.cat([e0, er], 1), mask, None if old is None else old.to(dev)
+
+    def _padding_frac(self, batch: StepBatch, micro: list[list[int]]) -> float:
+        """Share of the positions the forward computed that were padding (shared prompts: each prompt counted once)."""
+        if not self.shared_prompt:
+            return 1.0 - batch.num_tokens / sum(len(idx) * max(len(batch.seqs[i]) for i in idx) for idx in micro)
+        real = padded = 0
+        for idx in micro:
+            firsts = {batch.groups[i]: i for i in reversed(idx)}
+            prompts = [batch.prompt_lens[i] for i in firsts.values()]
+            real += sum(prompts) + sum(batch.completion_lens[i] for i in idx)
+            padded += len(prompts) * max(prompts) + len(idx) * max(batch.completion_lens[i] for i in idx)
+        return 1.0 - real / padded
+
+    def _micro_loss(self, batch: StepBatch, idx: list[int], normalizer: float):
+        forward = self._shared_prompt_logps if self.shared_prompt else self._sequence_logps
+        logp, ent, mask, old = forward(batch, idx)
+        # the entropy on the sampled positions is a collapse signal (no gradient)
         entropy = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
         sel = torch.tensor(idx)
         lc = self.cfg.loss
@@ -182,7 +299,8 @@ class Learner:
         batch = self.last_batch = self.build_batch(groups)
         lc, acc = self.cfg.loss, self.accelerator
         normalizer = len(batch.seqs) if lc.aggregation == "seq_mean" else float(sum(batch.completion_lens))
-        micro = bucket_by_length([len(s) for s in batch.seqs], self.cfg.learner.micro_batch_tokens)
+        budget = self.cfg.learner.micro_batch_tokens
+        micro = group_buckets(batch, budget) if self.shared_prompt else bucket_by_length([len(s) for s in batch.seqs], budget)
         # Every rank must run the same number of backward passes (DDP all-reduces on the last one).
         n_local = torch.tensor([len(micro)], device=acc.device)
         n_max = int(acc.gather(n_local).max().item()) if acc.num_processes > 1 else len(micro)
@@ -220,7 +338,7 @@ class Learner:
             "perf/learner_seconds": secs, "perf/learner_tokens": float(batch.num_tokens),
             "perf/forward_backward_seconds": fwd_bwd, "perf/optimizer_seconds": opt_s,
             "perf/learner_tokens_per_s": batch.num_tokens / secs,
-            "learner/padding_frac": 1.0 - batch.num_tokens / sum(len(idx) * max(len(batch.seqs[i]) for i in idx) for idx in micro),
+            "learner/padding_frac": self._padding_frac(batch, micro),
         })
         return metrics
 

@@ -11,6 +11,12 @@ prompts), same samples per step (G = 8, 64 trajectories), same completion cap (1
   around its `_generate_and_score_completions`, is subtracted so only training is counted;
 - bare: a hand-written forward/backward/AdamW step over the very same token batch as asymre
   (right-padded, one micro-batch): the limit.
+  asymre is measured with each group's prompt computed once (learner.shared_prompt=on, the default) and with
+  one row per sample (off); the fraction of the machine's peak FLOP/s its learner reaches counts 6 x parameters
+  FLOPs per computed token (forward + backward) against a float32 matmul's FLOP/s measured in the same run.
+Part 1b, whole steps, what a user waits for: generation + scoring + learning + weight push, asymre's recipe
+(default CPU config: vLLM engine, colocated, `perf/step_seconds`) against TRL's GRPOTrainer (its own generation;
+the wall time between two of its `on_step_end` callbacks), same prompts per step, G and completion cap.
 Part 2, learning at equal budget: held-out greedy accuracy (50 problems) after the same number of
 steps x samples, asymre (the CPU default config, delta_V = -0.1) vs TRL GRPO (same lr, prompts, G),
 for each seed.
@@ -69,8 +75,15 @@ def trl_trainer(model_path, prompts, steps, seed, out_dir, lr):
                       use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=seed,
                       gradient_accumulation_steps=1, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
                       adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, dataloader_num_workers=0, disable_tqdm=True)
-    trainer = GRPOTrainer(model=model_path, reward_funcs=[numeric], args=args, train_dataset=ds)
-    timing = {"gen": [], "step": [], "tokens": []}
+    from transformers import TrainerCallback
+
+    timing = {"gen": [], "step": [], "tokens": [], "ends": []}
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            timing["ends"].append(time.perf_counter())
+
+    trainer = GRPOTrainer(model=model_path, reward_funcs=[numeric], args=args, train_dataset=ds, callbacks=[StepEnds()])
     real_gen, real_step = trainer._generate_and_score_completions, trainer.training_step
 
     def gen(batch):
@@ -132,15 +145,31 @@ def main() -> None:
     hf = HFGenerator(path, "float32")
     groups = hf.generate(prompts, SamplingSpec(n=8, temperature=1.0, max_new_tokens=16, seed=0))
     RewardScorer(["numeric"]).score(groups)
-    learner = Learner(cfg, path, Accelerator(cpu=True), hf.tokenizer)
-    rates = []
-    for i in range(a.steps + 1):
-        m = learner.train_step(groups)
-        if i:
-            rates.append(m["perf/learner_tokens_per_s"])
-    res["asymre_tokens_per_s"] = statistics.median(rates)
+    n_params = sum(p.numel() for p in load_model(path).parameters())  # a tied LM head once: its matmul uses these
+    computed = {"on": sum(len(g.prompt_ids) for g in groups) + sum(len(t.completion_ids) for g in groups for t in g.trajectories),
+                "off": sum(len(g.prompt_ids) + len(t.completion_ids) for g in groups for t in g.trajectories)}
+    for shared in ("on", "off"):
+        learner = Learner(load_config(cfg_path, [f"learner.shared_prompt={shared}"]), path, Accelerator(cpu=True), hf.tokenizer)
+        rates, flops = [], []
+        for i in range(a.steps + 1):
+            m = learner.train_step(groups)
+            if i:
+                rates.append(m["perf/learner_tokens_per_s"])
+                flops.append(6 * n_params * computed[shared] / m["perf/forward_backward_seconds"])
+        key = "asymre" if shared == "on" else "asymre_unshared"
+        res[f"{key}_tokens_per_s"] = statistics.median(rates)
+        res[f"{key}_learner_flops_per_s"] = statistics.median(flops)
+        del learner
     res["asymre_tokens_per_step"] = m["perf/learner_tokens"]
-    del learner
+    res["asymre_shared_over_unshared"] = res["asymre_tokens_per_s"] / res["asymre_unshared_tokens_per_s"]
+    size = 2048
+    x = torch.randn(size, size)
+    torch.mm(x, x)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        torch.mm(x, x)
+    res["matmul_peak_flops_per_s"] = 5 * 2 * size**3 / (time.perf_counter() - t0)
+    res["asymre_learner_share_of_peak"] = res["asymre_learner_flops_per_s"] / res["matmul_peak_flops_per_s"]
 
     model = load_model(path)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
@@ -156,8 +185,17 @@ def main() -> None:
         trainer, timing = trl_trainer(path, prompts, a.steps + 1, 0, tmp, 2e-5)
         trainer.train()
         trl_rates = [tok / (s - g) for tok, s, g in zip(timing["tokens"], timing["step"], timing["gen"])][1:]
+        ends = timing["ends"]
+        trl_whole = [b - a_ for a_, b in zip(ends, ends[1:])]  # after the first (warm-up) step
     res["trl_tokens_per_s"] = statistics.median(trl_rates)
     res["trl_tokens_per_step"] = statistics.median(timing["tokens"])
+    res["trl_whole_step_seconds"] = statistics.median(trl_whole)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run_recipe(cfg_path, [f"learner.steps={a.steps + 1}", "eval.at_start=false", "eval.at_end=false",
+                                    "checkpoint.save_final_model=false", "logging.progress=false"], tmp)
+        whole = [r["perf/step_seconds"] for r in out["rows"] if "perf/step_seconds" in r][1:]
+    res["asymre_whole_step_seconds"] = statistics.median(whole)
+    res["trl_over_asymre_whole_step"] = res["trl_whole_step_seconds"] / res["asymre_whole_step_seconds"]
     res["asymre_vs_trl"] = res["asymre_tokens_per_s"] / res["trl_tokens_per_s"]
     res["asymre_vs_bare"] = res["asymre_tokens_per_s"] / res["bare_tokens_per_s"]
     print(json.dumps(res, indent=1), flush=True)

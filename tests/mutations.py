@@ -60,6 +60,14 @@ MUTATIONS = [
              "            [setattr(g, 'version', learner_step) for g in groups]\n            self.buffer.add(groups)\n"
              "        return self.buffer.sample(n, learner_step), metrics",
              ("tests/test_offpolicy_checkpoint.py",)),
+    Mutation("shared prompts: the completions' gradient does not flow back into the prompt (its KV cache detached)",
+             "asymre/learner.py", "            cache.reorder_cache(sel)  # [n, ...] -> [b, ...]\n",
+             "            cache.reorder_cache(sel)  # [n, ...] -> [b, ...]\n"
+             "            for layer in cache.layers:\n                layer.keys, layer.values = layer.keys.detach(), layer.values.detach()\n",
+             ("tests/test_learner.py::test_shared_prompt_gradient_equals_one_row_per_sample",)),
+    Mutation("the learner steps AdamW on bf16 parameters (updates at the paper's lr vanish)", "asymre/learner.py",
+             'model = load_model(model_path, "float32")', "model = load_model(model_path, cfg.model.dtype)",
+             ("tests/test_learner.py::test_bf16_learner_keeps_float32_master_weights_and_learns_at_the_papers_lr",)),
     Mutation("the running baseline is not restored on resume", "recipes/train.py",
              '        self.learner.running.load_state_dict(state["running_baseline"])\n', "",
              ("tests/test_offpolicy_checkpoint.py",)),

@@ -74,3 +74,8 @@ def test_shipped_configs_load(path):
     load_config(path)
     head = path.read_text().splitlines()[:3]
     assert any("accelerate launch" in line for line in head if line.startswith("#")), head
+
+
+@pytest.mark.parametrize("value, want", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on"), ("false", "off")])
+def test_shared_prompt_on_off_survive_yaml_booleans(value, want):
+    assert load_config(None, [f"learner.shared_prompt={value}"]).learner.shared_prompt == want

@@ -263,3 +263,27 @@ def test_float16_without_accelerate_fp16_is_refused(tiny_model_path):
 
     with pytest.raises(ConfigError, match="mixed_precision: fp16"):
         _learner(tiny_model_path, **{"model.dtype": "float16"})
+
+
+@pytest.mark.parametrize("loss, aggregation", [("asymre", "seq_mean"), ("asymre", "token_mean"), ("grpo", "seq_mean")])
+def test_shared_prompt_gradient_equals_one_row_per_sample(tiny_model_path, loss, aggregation):
+    """learner.shared_prompt=on (each group's prompt computed once, its completions attending to its KV cache)
+    gives the gradient of the unshared path (each sample its own prompt + completion row), to 1e-4 relative, on
+    groups of different prompt and completion lengths split over several micro-batches."""
+    grads, metrics = {}, {}
+    for shared in ("on", "off"):
+        learner = _learner(tiny_model_path, **{"loss.name": loss, "loss.aggregation": aggregation, "learner.micro_batch_tokens": 40,
+                                               "learner.shared_prompt": shared})
+        assert learner.shared_prompt == (shared == "on")
+        real_step = learner.optimizer.step
+
+        def capture(*a, learner=learner, real_step=real_step, shared=shared, **k):
+            grads[shared] = torch.cat([p.grad.detach().flatten() for p in learner.model.parameters()])
+            return real_step(*a, **k)
+
+        learner.optimizer.step = capture
+        metrics[shared] = learner.train_step(_groups(seed=3, n_groups=5, g=3))
+    assert metrics["on"]["learner/micro_batches"] >= 2
+    assert torch.linalg.norm(grads["on"] - grads["off"]) <= 1e-4 * torch.linalg.norm(grads["off"])
+    for key in ("loss/value", "loss/entropy", "loss/logprob_mean"):
+        assert metrics["on"][key] == pytest.approx(metrics["off"][key], rel=1e-4, abs=1e-6), key
