@@ -22,20 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status: VmRSS (resident now) or VmHWM (its peak)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def measure(path: str, tokens: int, vocab: int, device: str) -> dict:
@@ -53,7 +46,7 @@ def measure(path: str, tokens: int, vocab: int, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        base = _status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
             f.write("5")
     t0 = time.perf_counter()
@@ -67,7 +60,7 @@ def measure(path: str, tokens: int, vocab: int, device: str) -> dict:
         logp, ent = token_logprobs_and_entropy(logits, labels)
     logp.sum().backward()
     seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()) - base
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _status_bytes("VmHWM")) - base
     return {"path": path, "tokens": tokens, "vocab": vocab, "device": device, "logits_gib": logits_bytes / 2**30,
             "peak_extra_gib": peak / 2**30, "peak_extra_over_logits": peak / logits_bytes, "seconds": seconds,
             "entropy_mean": float(ent.mean())}

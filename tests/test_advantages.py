@@ -10,16 +10,11 @@ from asymre.advantages import ADVANTAGES, asymre_advantages, grpo_advantages, re
 from asymre.baselines import RunningBaseline
 from asymre.config import ConfigError, load_config
 from asymre.loss import LOSSES, NEEDS_BEHAVIOUR_LOGPROBS, asymre_loss, grpo_loss, reinforce_loss
-
-
-def _batch():
-    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5])
-    g = torch.tensor([0, 0, 0, 0, 1, 2])  # group 0 has 4 samples; groups 1 and 2 are singletons
-    return r, g
+from tests.helpers import mixed_groups
 
 
 def test_asymre_advantage_is_reward_minus_group_mean_plus_delta_v():
-    r, g = _batch()
+    r, g = mixed_groups()
     a = asymre_advantages(r, g, "group_mean", delta_v=-0.1)
     assert a.baseline.tolist() == pytest.approx([0.4, 0.4, 0.4, 0.4, 0.9, 0.4])
     assert a.advantages.tolist() == pytest.approx([0.6, -0.4, -0.4, 0.6, 0.1, 0.1])
@@ -28,7 +23,7 @@ def test_asymre_advantage_is_reward_minus_group_mean_plus_delta_v():
 
 
 def test_reinforce_advantage_is_the_reward_with_zero_baseline():
-    r, _ = _batch()
+    r, _ = mixed_groups()
     a = reinforce_advantages(r)
     assert torch.equal(a.advantages, r) and torch.equal(a.baseline, torch.zeros(6))
 
@@ -36,7 +31,7 @@ def test_reinforce_advantage_is_the_reward_with_zero_baseline():
 @pytest.mark.parametrize("step, dv", [(0, -0.3), (2, -0.1), (9, 0.1)])
 def test_table_entry_for_asymre_reads_the_config_and_the_delta_v_schedule(step, dv):
     """delta_V at the learner's step (linear from -0.3 to 0.1 over 4 steps), V_hat by loss.baseline."""
-    r, g = _batch()
+    r, g = mixed_groups()
     lc = load_config(None, ["loss.baseline=constant", "loss.constant_v=0.25", "loss.delta_v=-0.3",
                             "loss.delta_v_final=0.1", "loss.delta_v_steps=4"]).loss
     a = ADVANTAGES["asymre"](lc, r, g, step, RunningBaseline(), ["a", "b", "c"])
@@ -45,7 +40,7 @@ def test_table_entry_for_asymre_reads_the_config_and_the_delta_v_schedule(step, 
 
 
 def test_table_entries_for_grpo_and_reinforce():
-    r, g = _batch()
+    r, g = mixed_groups()
     lc = load_config(None, []).loss
     grpo = ADVANTAGES["grpo"](lc, r, g, 0, RunningBaseline(), ["a", "b", "c"])
     assert torch.equal(grpo.advantages, grpo_advantages(r, g)) and grpo.baseline is None

@@ -4,16 +4,11 @@ import pytest
 import torch
 
 from asymre.baselines import RunningBaseline, compute_baseline, delta_v_at, group_mean, leave_one_out_mean
-
-
-def _batch():
-    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5])
-    g = torch.tensor([0, 0, 0, 0, 1, 2])  # group 0 has 4 samples; groups 1 and 2 are singletons
-    return r, g
+from tests.helpers import mixed_groups
 
 
 def test_group_mean_plus_delta_v():
-    r, g = _batch()
+    r, g = mixed_groups()
     v = compute_baseline("group_mean", r, g, delta_v=-0.1)
     assert torch.allclose(v, torch.tensor([0.4, 0.4, 0.4, 0.4, 0.9, 0.4]))
 
@@ -32,7 +27,7 @@ def test_group_mean_vectorised_equals_loop():
 
 def test_leave_one_out_and_singleton():
     """Singletons: both group_mean and leave_one_out give V = r + delta_V, so the advantage is -delta_V."""
-    r, g = _batch()
+    r, g = mixed_groups()
     v = compute_baseline("leave_one_out", r, g, delta_v=0.0)
     assert torch.allclose(v[:4], torch.tensor([1 / 3, 2 / 3, 2 / 3, 1 / 3]))
     assert v[4].item() == pytest.approx(1.0)  # singleton falls back to its own reward
@@ -42,7 +37,7 @@ def test_leave_one_out_and_singleton():
 
 
 def test_constant_baseline():
-    r, g = _batch()
+    r, g = mixed_groups()
     v = compute_baseline("constant", r, g, delta_v=-0.1, constant_v=0.5)
     assert torch.allclose(v, torch.full_like(r, 0.4))
 
@@ -70,6 +65,6 @@ def test_delta_v_schedule():
 
 
 def test_unknown_baseline_is_named():
-    r, g = _batch()
+    r, g = mixed_groups()
     with pytest.raises(ValueError, match="median"):
         compute_baseline("median", r, g, 0.0)
