@@ -320,7 +320,10 @@ class WeightSync:
             return
         method, payload, version = self.latest
         if method == "disk":
-            handle.send(("weights", payload, version))  # acknowledged before its re-queued requests are answered
+            # waited for: the worker reads control messages first only once they are through their pipe, and its
+            # re-queued requests travel on another queue, so without the acknowledgement one could come first
+            handle.send(("weights", payload, version))
+            handle.wait_loaded(version, self.timeout_s)
         else:  # the learner's weights now, tagged with the last push
             self._broadcast(handle, payload, version)
 
