@@ -10,7 +10,7 @@ CONFIG  ?= recipes/configs/smollm2_arithmetic_cpu.yaml
 ACCEL   ?= recipes/accelerate/cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install lint test test-fast train bench bench-trl bandit docs clean-venv
+.PHONY: install lint test test-fast train gpu-smoke bench bench-trl bandit docs clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ test-fast: install
 # The README's main job: AsymRE on the embedded model and the arithmetic task, on this CPU.
 train: install
 	$(BIN)/accelerate launch --config_file $(ACCEL) recipes/train.py --config $(CONFIG) $(ARGS)
+
+# On a machine with a GPU (not CI): bf16 learner, loss-path memory, FSDP/DeepSpeed, colocated vLLM; PASS/FAIL/SKIP each.
+gpu-smoke: install
+	bash bench/gpu_smoke.sh
 
 # Benchmarks (numbers go to docs/benchmarks.md). TRL is installed for the comparison only.
 bench: install
