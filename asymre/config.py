@@ -133,6 +133,8 @@ class LearnerConfig:
     lr_schedule: str = _f("constant", "'constant', 'linear' or 'cosine' decay after warm-up.")
     groups_per_step: int = _f(16, "Groups (prompts) per learner step (the paper: 16 x G=8 = 128 trajectories).", "[1, inf)")
     micro_batch_tokens: int = _f(4096, "Token budget of one micro-batch (sequences are packed by length).", "[1, inf)")
+    dist_timeout_s: float = _f(1800.0, "Timeout of the learner ranks' collectives (torch.distributed): size it for the longest "
+                               "phase one rank runs alone (rank 0's evaluation in async mode, a checkpoint write).", "(0, inf)")
     shared_prompt: str = _f("auto", "Compute each group's prompt once, its G completions attending to it: 'on', 'off', or 'auto' "
                             "(on, except under gradient checkpointing, FSDP or DeepSpeed).")
     seed: int = _f(0, "Seed of the learner and data order.")

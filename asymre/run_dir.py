@@ -29,7 +29,7 @@ MAY_CHANGE_ON_RESUME = ("learner.steps", "resume", "logging.", "eval.", "checkpo
                         "model.gradient_checkpointing", "learner.micro_batch_tokens", "rollout.devices",
                         "rollout.server_urls", "rollout.server_api_key_env", "rollout.gpu_memory_utilization", "rollout.kv_cache_gb",
                         "rollout.worker_timeout_s", "rollout.max_worker_restarts", "sync.timeout_s", "sync.channel_host",
-                        "reward.timeout_s")
+                        "reward.timeout_s", "learner.dist_timeout_s")
 
 
 class RunDirError(InputError):

@@ -192,7 +192,7 @@ class WeightChannel:
         if abort is not None:
             try:
                 abort()
-            except Exception:
+            except Exception:  # noqa: BLE001 - best effort on an already broken group
                 pass
 
 
@@ -218,7 +218,7 @@ def run_with_timeout(fn, timeout_s: float, what: str):
     def target():
         try:
             box["value"] = fn()
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             box["error"] = e
 
     th = threading.Thread(target=target, name=f"sync:{what}", daemon=True)
@@ -345,7 +345,7 @@ class WeightSync:
             channel.send(state_dict, meta)
         except ValueError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a dead peer or a timeout inside the collective
             dead = self.channels.pop(handle.index, None)
             if dead is not None:
                 dead.close()

@@ -26,7 +26,7 @@ def wandb_mode(wandb) -> str:
         return "online"
     try:
         return "online" if wandb.api.api_key else "offline"
-    except Exception:
+    except Exception:  # noqa: BLE001 - a wandb without this API: be safe, stay local
         return "offline"
 
 

@@ -17,10 +17,11 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from asymre.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint, save_checkpoint, saves_final_checkpoint, warn_if_disk_short
@@ -46,7 +47,10 @@ class AsymRERecipe:
         _refuse_a_dropped_backend()
         # step_scheduler_with_optimizer=False: one LR-schedule step per learner step (Accelerate would
         # otherwise step it once per process, running the schedule num_processes times too fast).
-        self.acc = Accelerator(cpu=not _has_gpu(), step_scheduler_with_optimizer=False)
+        # learner.dist_timeout_s bounds every collective of the learner ranks (accelerate 1.15 passes the handler's
+        # timeout to torch.distributed.init_process_group when it creates the group)
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.learner.dist_timeout_s))
+        self.acc = Accelerator(cpu=not _has_gpu(), step_scheduler_with_optimizer=False, kwargs_handlers=[timeout])
         self.main = self.acc.is_main_process
         self.run_dir = Path(cfg.logging.run_dir)
         lg = cfg.logging
@@ -260,6 +264,17 @@ def _refuse_a_dropped_backend() -> None:
                               f"silently drop; launch with recipes/accelerate/cpu.yaml or cpu_ddp2.yaml")
 
 
+def collective_timeout(e: BaseException, cfg: Config) -> str | None:
+    """One line for a learner collective that waited past learner.dist_timeout_s (a rank stuck or far slower than
+    the others), or None for any other error."""
+    text = str(e)
+    if not isinstance(e, RuntimeError) or not any(s in text for s in ("Timed out", "timed out", "Timeout", "timeout")):
+        return None
+    return (f"distributed error: a collective of the learner ranks waited past learner.dist_timeout_s={cfg.learner.dist_timeout_s:g} s "
+            f"(one rank was stuck or far slower than the others; raise the key if that phase is legitimately long): "
+            f"{text.splitlines()[0] if text else type(e).__name__}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="AsymRE off-policy RL training", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Overrides: dotted key=value, e.g. learner.lr=1e-5\n\n" + help_text())
@@ -288,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = recipe.train()
     except CheckpointError as e:  # the disk filled up: say so plainly, the traceback adds nothing
         print(f"checkpoint error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        said = collective_timeout(e, cfg) if recipe.acc.num_processes > 1 else None
+        if said is None:
+            raise
+        print(said, file=sys.stderr)
         return 1
     finally:
         recipe.cleanup()

@@ -32,3 +32,17 @@ def test_two_ranks_hold_identical_weights(tmp_path, model_path):
     assert ranks[0]["prompts"] != ranks[1]["prompts"], "ranks saw the same data: the test would prove nothing"
     # one schedule step per learner step, not one per process: after 2 of 4 warm-up steps lr = 3/4 * 1e-4
     assert ranks[0]["lr"] == ranks[1]["lr"] == pytest.approx(0.75e-4)
+
+
+def test_a_rank_left_waiting_fails_at_learner_dist_timeout_s_naming_it(tmp_path):
+    """learner.dist_timeout_s reaches the learners' process group: a rank left alone in a barrier fails after that
+    long (not torch's 30-minute default), and the recipe's message names the key."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_ddp2.yaml", "--main_process_port", "29534",
+           "tests/scripts/dist_timeout.py", str(tmp_path), "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    waiting = json.loads((tmp_path / "rank1.json").read_text())
+    assert waiting["world"] == 2, proc.stderr[-2000:]
+    assert waiting["error"] and waiting["error"].startswith("distributed error:") and "learner.dist_timeout_s=4 s" in waiting["error"]
+    assert 3.0 <= waiting["waited_s"] < 15.0, waiting

@@ -116,7 +116,7 @@ def _start(target: Callable[[], Any], name: str) -> tuple[threading.Thread, dict
     def run():
         try:
             box["result"] = target()
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - reported to the caller, never fatal here
             box["error"] = e
 
     th = threading.Thread(target=run, name=name, daemon=True)
@@ -141,7 +141,7 @@ def _run_sync(calls: list[tuple[Callable, dict]]) -> Callable[[], list]:
         for fn, kw in calls:
             try:
                 out.append(fn(**kw))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a raising reward is the user's: the caller retries it sample by sample
                 out.append(e)
         return out
     return run

@@ -83,12 +83,12 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
                 if scorer is not None:
                     try:
                         metrics.update(scorer.score(groups, step))
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - sent to the learner, which decides
                         out_q.put(("reward_error", index, (rid, str(e))))
                         continue
                 out_q.put(("groups", index, (rid, groups, metrics)))
         gen.close()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - anything the worker hits goes to the learner as its traceback
         out_q.put(("error", index, traceback.format_exc()))
 
 
@@ -101,7 +101,7 @@ def _forward_logs(index: int, out_q) -> None:
         def emit(self, record):
             try:
                 out_q.put(("log", index, (record.levelno, record.name, self.format(record))))
-            except Exception:
+            except Exception:  # noqa: BLE001 - logging never kills the worker
                 pass
 
     logger = logging.getLogger("asymre")
@@ -319,7 +319,7 @@ class WorkerPool:
         for w in self.workers:
             try:
                 w.ctrl_q.put(("stop",))
-            except Exception:
+            except Exception:  # noqa: BLE001 - a worker already gone has no queue left to stop
                 pass
         for w in self.workers:
             w.proc.join(timeout=10)

@@ -95,7 +95,7 @@ def load_rows(path: str, split: str, subset: str | None = None) -> tuple[list[di
         raise DataError(f"{path}: no such file or folder")
     try:
         ds = load_dataset(path, subset, split=split)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the hub (or its cache) could not give it: one line
         raise DataError(f"{path}: not a local file or folder, and the hub dataset could not be loaded (this machine may "
                         f"have no hub access; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {_first_line(e)}") from None
     return [dict(r) for r in ds], f"{path}[{split}]"
