@@ -96,15 +96,15 @@ def group_buckets(batch: StepBatch, token_budget: int) -> list[list[int]]:
     size = {g: (batch.prompt_lens[m[0]], max(batch.completion_lens[i] for i in m), len(m)) for g, m in members.items()}
     out: list[list[int]] = []
     cur: list[int] = []
-    p_max = c_max = samples = 0
+    p_max = c_max = samples = n_groups = 0
     for g in sorted(members, key=lambda g: size[g][0] + size[g][1]):
         p, c, n = size[g]
-        cost = (len({batch.groups[i] for i in cur}) + 1) * max(p_max, p) + (samples + n) * max(c_max, c)
+        cost = (n_groups + 1) * max(p_max, p) + (samples + n) * max(c_max, c)
         if cur and cost > token_budget:
             out.append(cur)
-            cur, p_max, c_max, samples = [], 0, 0, 0
+            cur, p_max, c_max, samples, n_groups = [], 0, 0, 0, 0
         cur += members[g]
-        p_max, c_max, samples = max(p_max, p), max(c_max, c), samples + n
+        p_max, c_max, samples, n_groups = max(p_max, p), max(c_max, c), samples + n, n_groups + 1
     if cur:
         out.append(cur)
     return out
@@ -230,11 +230,11 @@ class Learner:
         last position predicts each completion's first token; completion position t predicts token t + 1. Same
         maths as `_sequence_logps`, with the prompt's tokens computed once per group instead of G times."""
         dev = self.accelerator.device
-        rows = list(dict.fromkeys(batch.groups[i] for i in idx))  # this micro-batch's groups, in order
-        row_of = {g: r for r, g in enumerate(rows)}
-        first = {}
+        first: dict[int, int] = {}  # this micro-batch's groups, in order -> the index of their first sample
         for i in idx:
             first.setdefault(batch.groups[i], i)
+        rows = list(first)
+        row_of = {g: r for r, g in enumerate(rows)}
         plens = [batch.prompt_lens[first[g]] for g in rows]
         width = max(plens)
         pids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # [n, P] left-padded

@@ -169,7 +169,7 @@ class ColocatedRollout(Rollout):
 
     def _restore(self, weights, version, behaviour):
         self.sync.push(weights, version, [self.engine])
-        self.last_pushed = behaviour if behaviour is not None else self._copy(self.weights())
+        self.last_pushed = behaviour if behaviour is not None else self._copy(weights)  # the learner's, gathered once
 
     def close(self):
         self.engine.close()
