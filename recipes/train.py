@@ -49,8 +49,13 @@ class AsymRERecipe:
         # otherwise step it once per process, running the schedule num_processes times too fast).
         # learner.dist_timeout_s bounds every collective of the learner ranks (accelerate 1.15 passes the handler's
         # timeout to torch.distributed.init_process_group when it creates the group)
-        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.learner.dist_timeout_s))
-        self.acc = Accelerator(cpu=not _has_gpu(), step_scheduler_with_optimizer=False, kwargs_handlers=[timeout])
+        # DeepSpeed without a GPU runs on its CPU accelerator (deepspeed 0.19.8 picks it when torch sees no GPU).
+        # Accelerator(cpu=True) would silently drop the plugin, and without it accelerate 1.15's PartialState finds no
+        # backend and counts one process while DeepSpeed's group holds them all; naming gloo gives both the world.
+        cpu_deepspeed = not _has_gpu() and _wants_deepspeed()
+        backend = {"backend": "gloo"} if cpu_deepspeed else {}
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.learner.dist_timeout_s), **backend)
+        self.acc = Accelerator(cpu=not _has_gpu() and not cpu_deepspeed, step_scheduler_with_optimizer=False, kwargs_handlers=[timeout])
         self.main = self.acc.is_main_process
         self.run_dir = Path(cfg.logging.run_dir)
         lg = cfg.logging
@@ -253,15 +258,19 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _wants_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1")
+
+
 def _refuse_a_dropped_backend() -> None:
-    """`Accelerator(cpu=True)` silently drops a DeepSpeed or FSDP plugin (and runs plain data parallel): an
-    accelerate config that asks for one on a machine without a GPU is refused instead of replaced."""
+    """`Accelerator(cpu=True)` silently drops an FSDP plugin (and runs plain data parallel): an accelerate config that
+    asks for FSDP on a machine without a GPU is refused instead of replaced. DeepSpeed runs there (its CPU accelerator)."""
     if _has_gpu():
         return
-    for var, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
-        if os.environ.get(var, "false").lower() in ("true", "1"):
-            raise ConfigError(f"the accelerate config asks for {name} ({var}=true), which this run without a GPU would "
-                              f"silently drop; launch with recipes/accelerate/cpu.yaml or cpu_ddp2.yaml")
+    var = "ACCELERATE_USE_FSDP"
+    if os.environ.get(var, "false").lower() in ("true", "1"):
+        raise ConfigError(f"the accelerate config asks for FSDP ({var}=true), which this run without a GPU would "
+                          f"silently drop; launch with recipes/accelerate/cpu.yaml or cpu_ddp2.yaml (or DeepSpeed)")
 
 
 def collective_timeout(e: BaseException, cfg: Config) -> str | None:

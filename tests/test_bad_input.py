@@ -124,13 +124,12 @@ def test_verbose_shows_the_traceback(tmp_path):
                                    f"logging.run_dir={tmp_path / 'run'}"])
 
 
-@pytest.mark.parametrize("var, name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
-def test_accelerate_config_asking_for_what_this_machine_would_drop(var, name, tmp_path, capsys, monkeypatch):
-    """`accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml` on a machine without a GPU sets
-    this variable; Accelerator(cpu=True) would then silently run plain data parallel."""
-    monkeypatch.setenv(var, "true")
+def test_accelerate_config_asking_for_what_this_machine_would_drop(tmp_path, capsys, monkeypatch):
+    """`accelerate launch --config_file recipes/accelerate/fsdp.yaml` on a machine without a GPU sets this variable;
+    Accelerator(cpu=True) would then silently run plain data parallel. (DeepSpeed runs there: tests/test_ddp.py.)"""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert load_recipe_module().main(["--config", CPU, f"logging.run_dir={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"config error: the accelerate config asks for {name} ({var}=true), which this run without a GPU would silently drop; "
-        "launch with recipes/accelerate/cpu.yaml or cpu_ddp2.yaml"]
+        "config error: the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true), which this run without a GPU would silently "
+        "drop; launch with recipes/accelerate/cpu.yaml or cpu_ddp2.yaml (or DeepSpeed)"]
     assert not (tmp_path / "run").exists()

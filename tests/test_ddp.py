@@ -1,5 +1,6 @@
-"""A real multi-process `accelerate launch`: two DDP ranks (gloo, CPU) train on different prompts and must
-end with identical weights (gradients were all-reduced), different from the start."""
+"""A real multi-process `accelerate launch`: two learner ranks (DDP over gloo, or DeepSpeed ZeRO-2/3 on its CPU
+accelerator) train on different prompts and must end with identical weights (gradients were all-reduced), different
+from the start, one optimizer step per learner step."""
 
 import json
 import os
@@ -8,30 +9,55 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_two_ranks_hold_identical_weights(tmp_path, model_path):
+def _two_cpu_processes(name: str, tmp_path: Path) -> Path:
+    """A shipped accelerate config with only the process count and the device swapped: 2 processes, no GPU ids."""
+    cfg = yaml.safe_load((ROOT / "recipes/accelerate" / f"{name}.yaml").read_text())
+    swapped = {**cfg, "num_processes": 2}
+    swapped.pop("gpu_ids", None)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(swapped))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["cpu_ddp2", "deepspeed_zero2", "deepspeed_zero3"])
+def test_two_ranks_train_as_one(backend, tmp_path, model_path):
+    """Two learner ranks under DDP (gloo) and the shipped DeepSpeed ZeRO-2/3 configs (DeepSpeed's CPU accelerator):
+    both end with identical weights, different from the start (gradients were all-reduced); each learner step is
+    exactly one optimizer step although every step runs 4 micro-batches (and a rank short of micro-batches pads
+    with zero-weight ones); each rank's own engine holds the final weights (under ZeRO-3 each rank gathers them)."""
     accelerate = Path(sys.executable).parent / "accelerate"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_ddp2.yaml", "--main_process_port", "29533",
+    cmd = [str(accelerate), "launch", "--config_file", str(_two_cpu_processes(backend, tmp_path)), "--main_process_port", "29533",
            "tests/scripts/ddp_recipe.py", str(tmp_path),
            "rollout.backend=hf", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
            "learner.groups_per_step=2", "learner.steps=2", "learner.lr=1e-4", "learner.warmup_steps=4", "sync.interval=1", "buffer.max_staleness=0",
-           "eval.at_start=false", "eval.at_end=false", "checkpoint.save_final_model=false", "logging.progress=false",
+           "learner.micro_batch_tokens=40", "eval.at_start=false", "eval.at_end=false", "logging.progress=false",
            f"logging.run_dir={tmp_path}/run"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
+    want = "DEEPSPEED" if backend.startswith("deepspeed") else "MULTI_CPU"  # the requested backend ran, not a fallback
+    assert all(r["backend"] == f"DistributedType.{want}" for r in ranks)
     assert ranks[0]["before"] == ranks[1]["before"]
-    assert ranks[0]["after"] == ranks[1]["after"], "DDP ranks diverged"
+    assert ranks[0]["after"] == ranks[1]["after"], "ranks diverged"
     assert ranks[0]["after"] != ranks[0]["before"], "no training happened"
     assert ranks[0]["prompts"] != ranks[1]["prompts"], "ranks saw the same data: the test would prove nothing"
     # one schedule step per learner step, not one per process: after 2 of 4 warm-up steps lr = 3/4 * 1e-4
     assert ranks[0]["lr"] == ranks[1]["lr"] == pytest.approx(0.75e-4)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "learner/optimizer_steps" in m]
+    assert [m["learner/optimizer_steps"] for m in steps] == [1, 2]
+    assert all(m["learner/micro_batches"] >= 2 for m in steps), "one micro-batch a step would not show extra optimizer steps"
+    assert all(r["optimizer_steps"] == r["learner_steps"] == 2 for r in ranks)
+    assert all(r["engine_diff"] == 0 for r in ranks), [r["engine_diff"] for r in ranks]
+    assert (tmp_path / "run" / "final_model" / "model.safetensors").is_file()
 
 
 def test_a_rank_left_waiting_fails_at_learner_dist_timeout_s_naming_it(tmp_path):

@@ -287,3 +287,41 @@ def test_shared_prompt_gradient_equals_one_row_per_sample(tiny_model_path, loss,
     assert torch.linalg.norm(grads["on"] - grads["off"]) <= 1e-4 * torch.linalg.norm(grads["off"])
     for key in ("loss/value", "loss/entropy", "loss/logprob_mean"):
         assert metrics["on"][key] == pytest.approx(metrics["off"][key], rel=1e-4, abs=1e-6), key
+
+
+class _Plugin:
+    """The two things `_configure_deepspeed` reads of accelerate's DeepSpeedPlugin."""
+
+    def __init__(self, **ds):
+        self.deepspeed_config = {"train_micro_batch_size_per_gpu": "auto", **ds}
+
+    def is_auto(self, key):
+        return self.deepspeed_config.get(key) == "auto"
+
+
+@pytest.mark.parametrize("ds, error", [
+    ({"gradient_accumulation_steps": 4, "gradient_clipping": 1.0}, "gradient_accumulation_steps=4: asymre accumulates"),
+    ({"gradient_accumulation_steps": 1, "gradient_clipping": 0.5}, r"gradient_clipping=0.5 but learner.max_grad_norm=1"),
+])
+def test_deepspeed_settings_that_contradict_the_learner_are_refused(ds, error):
+    from types import SimpleNamespace
+
+    from asymre.config import ConfigError
+    from asymre.learner import _configure_deepspeed
+
+    cfg = load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", [])
+    with pytest.raises(ConfigError, match=error):
+        _configure_deepspeed(cfg, SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=_Plugin(**ds))))
+
+
+def test_deepspeed_auto_settings_are_filled_from_the_learner():
+    """Without a dataloader accelerate cannot resolve an 'auto' micro-batch size; clipping follows learner.max_grad_norm."""
+    from types import SimpleNamespace
+
+    from asymre.learner import _configure_deepspeed
+
+    cfg = load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", ["learner.max_grad_norm=0.7"])
+    plugin = _Plugin(gradient_accumulation_steps="auto", gradient_clipping="auto")
+    _configure_deepspeed(cfg, SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 1
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.7

@@ -32,6 +32,25 @@ from asymre.tasks import PromptStream
 Weights = dict  # HF-named full weights, {name: tensor}
 
 
+@contextmanager
+def whole_models(accelerator) -> Iterator[None]:
+    """Engines hold whole weights. Under ZeRO-3, transformers' from_pretrained builds a model partitioned over the
+    learner ranks (deepspeed.zero.Init, whenever the global HfDeepSpeedConfig that Accelerate registers says stage 3),
+    which cannot generate on its own; the config is unregistered while an engine is built. (Accelerate 1.15's
+    zero3_init_context_manager(enable=False) re-registers the same stage-3 config, so it does not do this.)"""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 class Rollout:
     """What both modes share: the prompt stream, the buffer, the sampling spec of each round, the weight sync."""
 
@@ -115,7 +134,8 @@ class ColocatedRollout(Rollout):
         super().__init__(cfg, accelerator, train_prompts, sync, weights, (accelerator.process_index, accelerator.num_processes), 1)
         self.scorer = scorer
         self.keeps_behaviour = cfg.sync.interval > 1
-        self.engine = generator_from_config(cfg, model_path, accelerator.process_index)
+        with whole_models(accelerator):
+            self.engine = generator_from_config(cfg, model_path, accelerator.process_index)
         # A host copy of the weights the engine holds, while it lags the learner (sync.interval > 1): evaluations
         # and checkpoints need them back (one model's worth of memory). The engine starts on the learner's weights.
         self.last_pushed: Weights = self._copy(weights())
@@ -240,7 +260,8 @@ class AsyncRollout(Rollout):
             yield None
             return
         if self.eval_engine is None:
-            self.eval_engine = generator_from_config(self.cfg, self.model_path, backend="hf")
+            with whole_models(self.acc):
+                self.eval_engine = generator_from_config(self.cfg, self.model_path, backend="hf")
         self.eval_engine.load_weights(iter(state.items()), learner_step)
         yield self.eval_engine
 
