@@ -72,3 +72,29 @@ def test_a_rank_left_waiting_fails_at_learner_dist_timeout_s_naming_it(tmp_path)
     assert waiting["world"] == 2, proc.stderr[-2000:]
     assert waiting["error"] and waiting["error"].startswith("distributed error:") and "learner.dist_timeout_s=4 s" in waiting["error"]
     assert 3.0 <= waiting["waited_s"] < 15.0, waiting
+
+
+def test_zero3_checkpoint_resumes_weights_optimizer_and_behaviour(tmp_path):
+    """The shipped ZeRO-3 config (2 CPU processes): a checkpoint taken off-policy (sync.interval=2, so it holds the
+    engine's behaviour weights too) resumes into a second launch whose AdamW continues its own count (step 2 is the
+    optimizer's second update, so its state came back), with its engines still one version behind (the off-policy
+    regime continues across the resume)."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    run = tmp_path / "run"
+    base = [str(accelerate), "launch", "--config_file", str(_two_cpu_processes("deepspeed_zero3", tmp_path)), "--main_process_port", "29534",
+            "recipes/train.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml",
+            "rollout.backend=hf", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
+            "learner.groups_per_step=2", "learner.micro_batch_tokens=40", "sync.interval=2", "eval.at_start=false", "eval.at_end=false",
+            "logging.progress=false", "checkpoint.every=1", "checkpoint.save_final_model=false", f"logging.run_dir={run}"]
+    first = subprocess.run([*base, "learner.steps=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (run / "checkpoints" / "step-000001" / "behaviour").is_dir()
+    second = subprocess.run([*base, "learner.steps=2", "resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = {m["step"]: m for m in rows if "learner/optimizer_steps" in m}
+    assert sorted(steps) == [1, 2]
+    assert steps[2]["learner/optimizer_steps"] == 2, "AdamW's state did not come back with the checkpoint"
+    assert steps[2]["rollout/staleness_mean"] == 1, "the engines did not resume at version 0"
