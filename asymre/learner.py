@@ -195,6 +195,12 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(lc.lr_schedule, lc.warmup_steps, lc.steps))
         _configure_deepspeed(cfg, accelerator)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if accelerator.native_amp:
+            # accelerate 1.15 `prepare_model` wraps the forward in its autocast and converts every output to float32: a
+            # float32 copy of the [tokens, vocab] logits, twice the bf16 tensor the chunked log-probs were built to avoid.
+            # The bare forward comes back; `_autocast` enters the same autocast around each call instead.
+            bare = self.unwrapped()
+            bare.forward = bare._original_forward
         self.tokenizer = tokenizer  # saved with the final model
         # left padding: any id works (padded positions are masked); the tokenizer's own pad (or EOS) id reads best
         ids = (tokenizer.pad_token_id, tokenizer.eos_token_id) if tokenizer is not None else ()
@@ -258,11 +264,14 @@ class Learner:
         return to(ids), to(attn), to(pos), to(labels), to(mask), to(old), keep
 
     def _autocast(self):
-        """The forward in model.dtype over float32 weights: Accelerate's autocast when its config asks for mixed
-        precision (accelerate 1.15 `prepare_model` then also wraps the forward), else torch's, for bf16 as configured."""
-        if self.accelerator.mixed_precision != "no" or self.compute_dtype == torch.float32:
+        """The forward in model.dtype over float32 weights: Accelerate's autocast when its config asks for native mixed
+        precision, else torch's for model.dtype; none under DeepSpeed (its engine computes in its own dtype)."""
+        acc = self.accelerator
+        if acc.native_amp:
+            return acc.autocast()
+        if acc.mixed_precision != "no" or self.compute_dtype == torch.float32:
             return nullcontext()
-        return torch.autocast(device_type=self.accelerator.device.type, dtype=self.compute_dtype)
+        return torch.autocast(device_type=acc.device.type, dtype=self.compute_dtype)
 
     def _sequence_logps(self, batch: StepBatch, idx: list[int]):
         """Each sample as its own prompt + completion row: (logp, entropy, mask, behaviour logp), [b, keep] each."""

@@ -325,3 +325,24 @@ def test_deepspeed_auto_settings_are_filled_from_the_learner():
     _configure_deepspeed(cfg, SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 1
     assert plugin.deepspeed_config["gradient_clipping"] == 0.7
+
+
+def test_accelerate_bf16_mixed_precision_keeps_the_logits_in_bf16(tiny_model_path, monkeypatch):
+    """Under Accelerate's native bf16 the forward still computes in bf16, but the logits reach the loss in bf16:
+    accelerate's own wrapper would convert them to a float32 copy (twice the memory of the largest tensor)."""
+    from accelerate.state import AcceleratorState
+
+    import asymre.learner as learner_module
+
+    cfg = load_config(None, ["learner.lr=1e-2", "learner.max_grad_norm=0", "model.dtype=bfloat16"])
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state would keep an earlier test's precision
+    learner = Learner(cfg, tiny_model_path, Accelerator(cpu=True, mixed_precision="bf16"))
+    assert learner.accelerator.native_amp
+    seen, real = [], learner_module.token_logprobs_and_entropy
+    monkeypatch.setattr(learner_module, "token_logprobs_and_entropy", lambda logits, labels: seen.append(logits.dtype) or real(logits, labels))
+    name = "model.layers.0.mlp.down_proj.weight"
+    before = learner.unwrapped().state_dict()[name].clone()
+    learner.train_step(_groups(0))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert learner.unwrapped().state_dict()[name].dtype == torch.float32
+    assert (learner.unwrapped().state_dict()[name] != before).any()
