@@ -59,10 +59,12 @@ bench-trl: install
 bandit: install
 	$(BIN)/python -m asymre.bandit --out runs/bandit
 
-# docs/config.md from the config tree's own defaults and help (tests/test_config_docs.py checks it is
-# current). Phony: a folder named docs exists. Written via a temporary file so a failure leaves the old one.
+# docs/config.md from the config tree's own defaults and help, and docs/scaling.md's table from asymre/sizing.py
+# (tests/test_config_docs.py and tests/test_sizing.py check they are current). Phony: a folder named docs exists.
+# config.md is written via a temporary file so a failure leaves the old one; --write builds the table before writing.
 docs: install
 	$(BIN)/python -m asymre.config > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
+	$(BIN)/python -m asymre.sizing --write
 
 clean-venv:
 	rm -rf $(VENV)

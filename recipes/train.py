@@ -34,6 +34,7 @@ from asymre.rewards import RewardError, RewardScorer
 from asymre.rollout import check_rollout_config, resolve_backend
 from asymre.rollout.modes import Rollout, make_rollout
 from asymre.run_dir import RunDirError, open_run_dir
+from asymre.sizing import warn_if_memory_short
 from asymre.sync import WeightSync
 from asymre.tasks import build_task
 from asymre.tracking import MetricsLogger
@@ -81,6 +82,8 @@ class AsymRERecipe:
 
         model_path = resolve_model(cfg.model.name, cfg.model.cache_dir) if self.main else None
         model_path = broadcast_object_list([model_path])[0] if acc.num_processes > 1 else model_path
+        if self.main:
+            warn_if_memory_short(cfg, model_path, acc)  # on a GPU, before the model loads: a rough estimate, never a stop
         self.learner = Learner(cfg, model_path, acc, load_tokenizer(model_path))
         self.rollout = make_rollout(cfg, acc, model_path, train, WeightSync.from_config(cfg, self.run_dir), self.learner.full_state_dict,
                                     self.scorer, vocab_size=self.learner.unwrapped().get_input_embeddings().num_embeddings)

@@ -12,12 +12,14 @@ from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.models import load_model, load_tokenizer
 from asymre.rollout.base import SamplingSpec, Weights, encode_prompts, eos_token_ids, trim_completion
 
+BATCH_SIZE = 64  # sequences per generate call (asymre.sizing sizes the KV cache of one call)
+
 
 class HFGenerator:
     sync_methods = ("inprocess", "disk")  # weights by reference in this process, or from a folder
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None, max_prompt_tokens: int = 1024,
-                 batch_size: int = 64, chat_template_kwargs: dict | None = None):
+                 batch_size: int = BATCH_SIZE, chat_template_kwargs: dict | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = load_tokenizer(model_path)
         self.model = load_model(model_path, dtype).to(self.device).eval()
