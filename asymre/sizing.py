@@ -39,7 +39,8 @@ log = logging.getLogger("asymre")
 GiB = 2**30
 CARD_80GB = 81_089 * 2**20  # torch's total_memory of an H100 80GB HBM3: 79.2 GiB
 # The logits and their gradient, in the dtype the logits arrive in, as a multiple of the logits tensor: 2.05-2.07x
-# measured (float32 logits, H200, docs/scaling.md); the chunks' temporaries are the rest.
+# measured (float32 logits, H200, docs/scaling.md), 2.08x for bf16 logits (docs/benchmarks.md, GPU smoke); the
+# chunks' temporaries are the rest.
 LOGITS_FACTOR = 2.1
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "scaling.md"
@@ -197,7 +198,7 @@ def _rank_estimate(cfg, shape: ModelShape, sharding: Sharding, device_memory: fl
     deepspeed = kind.startswith("zero")
     compute = 2 if (low_mp or _dtype_bytes(cfg.model.dtype) == 2) else 4  # the forward's dtype
     residual = 2 if low_mp and (deepspeed or kind.startswith("fsdp")) else 4  # a bf16 module, or autocast over float32 weights
-    logit_bytes = 4 if low_mp and not deepspeed else compute  # Accelerate's autocast hands the logits back in float32
+    logit_bytes = compute  # the learner keeps Accelerate's autocast from handing them back in float32 (asymre.learner)
     n = [sharding.ranks if split else 1 for split in SPLITS[kind]]
     gc = cfg.model.gradient_checkpointing
     h = shape.hidden
