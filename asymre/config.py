@@ -42,11 +42,22 @@ def _f(default: Any, help: str, valid: str | None = None) -> Any:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = _f(0, "LoRA rank through peft (0 = off: full fine-tuning). Weight pushes carry the merged weights.", "[0, inf)")
+    alpha: float = _f(32.0, "LoRA alpha: the adapter's update is scaled by alpha / rank.", "(0, inf)")
+    dropout: float = _f(0.0, "Dropout on the LoRA branch's input.", "[0, 1)")
+    target_modules: list[str] = _f(["all-linear"], "Modules given adapters: peft's 'all-linear' (every linear layer but the LM "
+                                   "head) or module names such as q_proj, v_proj.")
+    save_merged: bool = _f(False, "Also write the merged full model to final_model/merged/ (final_model/ holds the adapter).")
+
+
+@dataclass
 class ModelConfig:
     name: str = _f("smollm2-135m-instruct", "Model: 'smollm2-135m-instruct' (embedded), a hub id, or a local folder.")
     dtype: str = _f("float32", "Weights dtype for learner and engine: float32, bfloat16 or float16 (float32 on CPU).")
     cache_dir: str | None = _f(None, "Where the embedded model is converted to (default $ASYMRE_CACHE or ~/.cache/asymre).")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the learner's forward.")
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -29,6 +29,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,7 @@ from asymre.advantages import ADVANTAGES
 from asymre.baselines import RunningBaseline
 from asymre.config import Config, ConfigError
 from asymre.data import TrajectoryGroup
+from asymre.lora import apply_lora, merge_lora, scaling
 from asymre.loss import LOSSES, NEEDS_BEHAVIOUR_LOGPROBS, token_logprobs_and_entropy
 from asymre.models import load_model, torch_dtype
 
@@ -188,10 +190,14 @@ class Learner:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        self.lora = cfg.model.lora if cfg.model.lora.rank > 0 else None
+        if self.lora is not None:
+            model = apply_lora(model, self.lora)
         if cfg.loss.name not in LOSSES or cfg.loss.name not in ADVANTAGES:
             raise ValueError(f"unknown loss.name {cfg.loss.name!r}; expected one of {sorted(LOSSES)}")
         lc = cfg.learner
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
+        trained = [p for p in model.parameters() if p.requires_grad]  # under LoRA, the adapters alone
+        optimizer = torch.optim.AdamW(trained, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(lc.lr_schedule, lc.warmup_steps, lc.steps))
         _configure_deepspeed(cfg, accelerator)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -422,8 +428,14 @@ class Learner:
 
     # ---- weights out -----------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Hugging Face-named full weights (gathered under FSDP/DeepSpeed). Collective: call on every rank. Under
-        ZeRO-3 every rank gets them (each colocated rank's engine needs them); under FSDP only the main process."""
+        """Hugging Face-named full weights (gathered under FSDP/DeepSpeed; under LoRA merged into the base model's
+        names). Collective: call on every rank. Under ZeRO-3 every rank gets them (each colocated rank's engine needs
+        them); under FSDP only the main process."""
+        state = self._trained_state()
+        return merge_lora(state, scaling(self.lora)) if self.lora is not None and state else state
+
+    def _trained_state(self) -> dict[str, torch.Tensor]:
+        """The prepared model's own state, gathered (a peft model's names under LoRA). Collective."""
         if self.zero3:
             return _gather_zero3(self.unwrapped())
         return self.accelerator.get_state_dict(self.model)
@@ -436,12 +448,28 @@ class Learner:
         return sum(getattr(p, "ds_numel", p.numel()) * (dtype.itemsize if dtype else p.element_size())
                    for p in self.unwrapped().parameters())
 
+    def _save_adapter(self, folder: str) -> None:
+        """peft's adapter folder (adapter_config.json, adapter_model.safetensors) and the tokenizer. Collective."""
+        state = self._trained_state()
+        if self.accelerator.is_main_process:
+            self.unwrapped().save_pretrained(folder, state_dict=state, safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(folder)
+        self.accelerator.wait_for_everyone()
+
     def save_model(self, folder: str) -> None:
         """A Hugging Face folder in the model's own dtype (a bf16 model trained in fp32 is saved in bf16)."""
         acc = self.accelerator
+        if self.lora is not None:
+            self._save_adapter(folder)
+            if not self.lora.save_merged:
+                return
+            folder = str(Path(folder) / "merged")
         state = self.full_state_dict()
         if acc.is_main_process:
             model, dtype = self.unwrapped(), self.save_dtype
+            if self.lora is not None:
+                model = model.get_base_model()  # its config; the merged weights come from `state`
             cast = isinstance(dtype, torch.dtype) and dtype != model.dtype
             if cast:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
