@@ -3,7 +3,8 @@
 A checkpoint holds Accelerate's state (weights, optimizer, RNG) for resuming; users want a folder that
 transformers, vLLM and `asymre eval --model` load. Export writes the learner's weights (or, with
 `behaviour=True`, the engine's stale behaviour weights the checkpoint also keeps) into the model's own
-architecture, dtype, tokenizer and generation config, taken from the run's saved config. Sharded
+architecture, dtype, tokenizer and generation config, taken from the run's saved config (a LoRA run's adapters
+merged into the base weights). Sharded
 FSDP/DeepSpeed states are refused (merge them with `accelerate merge-weights` first).
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from asymre.checkpoint import COMPLETE
 from asymre.config import InputError
+from asymre.lora import is_peft_state, merge_lora
 
 
 class ExportError(InputError):
@@ -46,6 +48,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, behaviour: bool =
     own = getattr(AutoConfig.from_pretrained(path), "dtype", None)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=own if own is not None else "auto")
     state = load_file(str(weights_file))
+    if is_peft_state(state):  # a LoRA run's learner: the adapters merged into the base weights
+        lora = config["model"]["lora"]
+        state = merge_lora(state, lora["alpha"] / lora["rank"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from asymre.config import ConfigError
 from asymre.lora import merge_lora
 from tests.test_learner import _groups, _learner, tiny_model_path  # noqa: F401 - the fixture is used by name
+from tests.test_offpolicy_checkpoint import tiny_llm  # noqa: F401 - the fixture is used by name
 
 LORA = {"model.lora.rank": 4, "model.lora.alpha": 8, "learner.lr": 5e-2}
 
@@ -68,3 +69,33 @@ def test_final_model_holds_the_adapter_and_on_request_the_merged_model(tiny_mode
 def test_unknown_target_module_is_refused_naming_the_key(tiny_model_path):  # noqa: F811
     with pytest.raises(ConfigError, match=r"model.lora.target_modules=\['nope_proj'\]"):
         _learner(tiny_model_path, **LORA, **{"model.lora.target_modules": "[nope_proj]"})
+
+
+def test_a_lora_run_pushes_merged_weights_and_its_checkpoint_exports_them(tmp_path, tiny_llm):  # noqa: F811
+    """The whole recipe with LoRA: every push is plain weights under the base model's names; the final push, the
+    merged final model and `asymre export` of the last checkpoint are the same weights."""
+    from safetensors.torch import load_file
+
+    from asymre.config import load_config
+    from asymre.export import export_checkpoint
+    from tests.test_offpolicy_checkpoint import RecordingGenerator, _run
+
+    RecordingGenerator.LOADS.clear()
+    run = tmp_path / "run"
+    _run(load_config(None, [f"model.name={tiny_llm}", f"rollout.backend={RecordingGenerator.__module__}:RecordingGenerator",
+                            "model.lora.rank=4", "model.lora.save_merged=true", "sync.interval=1", "buffer.max_staleness=0",
+                            "checkpoint.every=2", "rollout.prompts_per_step=3", "learner.groups_per_step=2", "rollout.group_size=2",
+                            "learner.lr=5e-2", "learner.warmup_steps=0", "learner.steps=2", "eval.at_start=false", "eval.at_end=false",
+                            "logging.progress=false", f"logging.run_dir={run}"]))
+    (loads,) = RecordingGenerator.LOADS
+    assert [v for v, _ in loads] == [1, 2]
+    names = set(AutoModelForCausalLM.from_pretrained(tiny_llm).state_dict())
+    assert all(set(w) == names for _, w in loads)
+    assert any(not torch.equal(loads[0][1][k], loads[1][1][k]) for k in names), "the adapters never moved the pushed weights"
+    final = loads[-1][1]
+    merged = load_file(str(run / "final_model" / "merged" / "model.safetensors"))
+    assert all(torch.equal(merged[k], final[k]) for k in merged)
+    assert (run / "final_model" / "adapter_model.safetensors").is_file()
+    out = export_checkpoint(run / "checkpoints" / "step-000002", tmp_path / "exported")
+    exported = load_file(str(out / "model.safetensors"))
+    assert exported.keys() == merged.keys() and all(torch.allclose(exported[k], final[k], atol=1e-6) for k in exported)

@@ -100,6 +100,35 @@ def test_vllm_generate_buffer_learn_push(engine, model_path, tmp_path):
     assert [g.version for g in mixed.sample(4, learner_version=2)] == [1, 2]  # the v0 groups are past max_staleness
 
 
+def test_lora_push_reaches_the_engine_as_the_merged_model(engine, model_path, tmp_path):
+    """A LoRA learner's push (W + alpha/r B A under the base names): the engine then scores a fixed completion as
+    a plain transformers model holding the merged weights does, and no longer as the base model."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", ["learner.lr=2e-3", "learner.max_grad_norm=0", "model.lora.rank=8",
+                                                                       "model.lora.alpha=16"])
+    train, _ = build_task(cfg.task)
+    groups = engine.generate(train[:3], SamplingSpec(n=4, temperature=1.0, max_new_tokens=8, seed=3, logprobs=True))
+    for g in groups:
+        for i, t in enumerate(g.trajectories):
+            t.reward = float(i == 0)
+    learner = Learner(cfg, model_path, Accelerator(cpu=True), engine.tokenizer)
+    learner.train_step(groups)
+    prompt_ids, completion = groups[0].prompt_ids, groups[0].trajectories[0].completion_ids
+    before = torch.tensor(_engine_logprobs(engine, prompt_ids, completion))
+    merged_state = learner.full_state_dict()
+    assert not any(".lora_" in k for k in merged_state)
+    WeightSync(interval=1, method="inprocess", timeout_s=120, folder=tmp_path).push(merged_state, 1, [engine])
+    merged = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    merged.load_state_dict(merged_state)
+    seq = torch.tensor([prompt_ids + completion])
+    with torch.no_grad():
+        want = token_logprobs(merged(input_ids=seq).logits[:, :-1], seq[:, 1:])[0, -len(completion):]
+    after = torch.tensor(_engine_logprobs(engine, prompt_ids, completion))
+    assert torch.allclose(after, want, atol=1e-3)
+    assert (after - before).abs().max() > 0.05, "the adapters did not move the policy: the comparison would prove nothing"
+
+
 def _hf_state(model_path, noise: float, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
