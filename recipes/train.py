@@ -243,6 +243,8 @@ def _quiet(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.INFO)
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    if not _has_gpu():  # Accelerate's unwrap_model imports deepspeed, whose accelerator detection warns on every CPU run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for name in noisy:
         logging.getLogger(name).setLevel(logging.ERROR)
     import warnings
