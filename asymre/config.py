@@ -163,7 +163,9 @@ class SyncConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = _f(0, "Evaluate every N learner steps (0 = only at start and end).", "[0, inf)")
+    every: int = _f(0, "Evaluate every N learner steps (0 = only at start and end). Async mode evaluates on the generation "
+                       "workers; a multiple of sync.interval spares lending them the learner's weights between pushes (and "
+                       "the host copy of the behaviour weights kept to give them back).", "[0, inf)")
     at_start: bool = _f(True, "Evaluate before training.")
     at_end: bool = _f(True, "Evaluate after training.")
     preset: str = _f("greedy", "'greedy' or 'paper' (T = 0.1, top-p 0.95).")

@@ -277,6 +277,17 @@ class WeightSync:
     def push(self, state_dict: dict[str, torch.Tensor], version: int, engines: list) -> float:
         """Push `state_dict` into every engine and set their version; returns seconds taken."""
         t0 = time.perf_counter()
+        self._load(state_dict, version, engines, lent=False)
+        self.pushes += 1
+        return time.perf_counter() - t0
+
+    def lend(self, state_dict: dict[str, torch.Tensor], version: int, engines: list) -> None:
+        """Load `state_dict` into `engines` for a while (the learner's weights for an evaluation between pushes, then
+        the behaviour weights back), as a push does, except that a restarted worker still gets the last push, and
+        'disk' writes a folder of its own (removed once every engine has loaded it), leaving the last push's alone."""
+        self._load(state_dict, version, engines, lent=True)
+
+    def _load(self, state_dict: dict[str, torch.Tensor], version: int, engines: list, lent: bool) -> None:
         method = self.resolve_method(engines)
         if method not in ("inprocess", "broadcast", "disk"):
             raise ValueError(f"sync.method={method!r}: expected 'inprocess', 'broadcast' or 'disk'")
@@ -286,25 +297,25 @@ class WeightSync:
                     raise ValueError(f"sync.method=broadcast reaches worker processes only; engine {i} "
                                      f"({type(e).__name__}) takes 'inprocess' (colocated) or 'disk' (remote server)")
                 raise ValueError("sync.method=inprocess cannot reach a worker process or remote server; use 'disk'")
-        if method == "disk":
-            path = write_weights_folder(state_dict, self.folder / "latest")
-            self.latest = ("disk", path, version)
-            for i, e in enumerate(engines):
-                self._watch_restarts(e)
-                run_with_timeout(lambda e=e: e.load_weights(path, version), self.timeout_s, f"engine {i} ({type(e).__name__})")
-        elif method == "broadcast":
-            # kept by reference for a worker restarted before the next push (under DDP that is the live weights,
-            # so a restarted worker may run weights up to sync.interval - 1 steps newer than their version tag)
-            self.latest = ("broadcast", state_dict, version)
-            for e in engines:
-                self._watch_restarts(e)
-                self._broadcast(e, state_dict, version)
-        else:
+        if method == "inprocess":
             for i, e in enumerate(engines):
                 run_with_timeout(lambda e=e: e.load_weights(iter(state_dict.items()), version), self.timeout_s,
                                  f"engine {i} ({type(e).__name__})")
-        self.pushes += 1
-        return time.perf_counter() - t0
+            return
+        # broadcast: kept by reference for a worker restarted before the next push (under DDP that is the live weights,
+        # so a restarted worker may run weights up to sync.interval - 1 steps newer than their version tag)
+        payload = write_weights_folder(state_dict, self.folder / ("lent" if lent else "latest")) if method == "disk" else state_dict
+        if not lent:
+            self.latest = (method, payload, version)
+            for e in engines:
+                self._watch_restarts(e)
+        for i, e in enumerate(engines):
+            if method == "disk":
+                run_with_timeout(lambda e=e: e.load_weights(payload, version), self.timeout_s, f"engine {i} ({type(e).__name__})")
+            else:
+                self._broadcast(e, state_dict, version)
+        if lent and method == "disk":
+            shutil.rmtree(payload, ignore_errors=True)
 
     # ---- worker processes ------------------------------------------------------------------------
     def _watch_restarts(self, handle) -> None:

@@ -78,17 +78,21 @@ class HangingGenerator(SlowGenerator):
 
 class ReplyGenerator(SlowGenerator):
     """Answers each prompt with the texts of its `replies` column (cycled over the group), with real token
-    ids: a worker-process test controls exactly what the rewards see."""
+    ids: a worker-process test controls exactly what the rewards see. Each sample's extras say which process
+    answered (`pid`) and with which weights (`weights_sum`, as SlowGenerator's); a call sleeps the largest `sleep`
+    column of its prompts (seconds, default none)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, **_):
         super().__init__(model_path, dtype, seed)
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
+        time.sleep(max(float(p.columns.get("sleep", 0.0)) for p in prompts))
         groups = []
         for p, pid in zip(prompts, encode_prompts(self.tokenizer, prompts, 128)):
             replies = p.columns["replies"]
             texts = [replies[i % len(replies)] for i in range(spec.n)]
-            trajs = [Trajectory(self.tokenizer(t, add_special_tokens=False)["input_ids"], t, "stop") for t in texts]
+            trajs = [Trajectory(self.tokenizer(t, add_special_tokens=False)["input_ids"], t, "stop",
+                                extras={"pid": os.getpid(), "weights_sum": self.weights_sum}) for t in texts]
             groups.append(TrajectoryGroup(p, pid, trajs, self.version))
         return groups
 

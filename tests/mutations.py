@@ -68,6 +68,10 @@ MUTATIONS = [
     Mutation("the learner steps AdamW on bf16 parameters (updates at the paper's lr vanish)", "asymre/learner.py",
              'model = load_model(model_path, "float32")', "model = load_model(model_path, cfg.model.dtype)",
              ("tests/test_learner.py::test_bf16_learner_keeps_float32_master_weights_and_learns_at_the_papers_lr",)),
+    Mutation("async: an evaluation between pushes leaves the workers on the learner's weights (training groups come from "
+             "weights newer than their version tag)", "asymre/rollout/modes.py",
+             "                self.sync.lend(self.last_pushed, self.pushed_version, lent)\n", "                pass\n",
+             ("tests/rollout/test_modes.py::test_async_evaluation_between_pushes_lends_the_learners_weights_then_gives_the_behaviour_back",)),
     Mutation("the running baseline is not restored on resume", "recipes/train.py",
              '        self.learner.running.load_state_dict(state["running_baseline"])\n', "",
              ("tests/test_offpolicy_checkpoint.py",)),

@@ -98,3 +98,28 @@ def test_zero3_checkpoint_resumes_weights_optimizer_and_behaviour(tmp_path):
     assert sorted(steps) == [1, 2]
     assert steps[2]["learner/optimizer_steps"] == 2, "AdamW's state did not come back with the checkpoint"
     assert steps[2]["rollout/staleness_mean"] == 1, "the engines did not resume at version 0"
+
+
+def test_async_mode_with_two_ranks_evaluates_on_the_workers_every_step(tmp_path):
+    """Async mode under two learner ranks with eval.every=1 and sync.interval=2: every evaluation (at the start, at
+    steps 1 and 2, at the end) runs on the generation worker, rank 1 waiting for it at the next collective, and no
+    engine is ever built in a learner process (the script refuses one). The step-1 evaluation falls between pushes:
+    the worker is lent the learner's weights, so no trained group may carry version 1 (pushes are at 0 and 2)."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    run = tmp_path / "run"
+    cmd = [str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_ddp2.yaml", "--main_process_port", "29535",
+           "tests/scripts/async_recipe.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml",
+           "rollout.mode=async", "rollout.backend=hf", "rollout.num_workers=1", "rollout.prompts_per_step=2", "rollout.group_size=2",
+           "rollout.max_new_tokens=6", "learner.groups_per_step=1", "learner.steps=3", "sync.interval=2", "buffer.max_staleness=2",
+           "eval.every=1", "eval.max_new_tokens=6", "task.eval_size=3", "checkpoint.save_final_model=false", "logging.progress=false",
+           f"logging.run_dir={run}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "held-out accuracy" in proc.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/pass@1" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3] and all(r["eval/prompts"] == 3 and r["eval/dropped"] == 0 for r in evals)
+    assert [r["step"] for r in records if "loss/value" in r] == [1, 2, 3]
+    versions = {json.loads(line)["policy_version"] for line in (run / "completions.jsonl").read_text().splitlines()}
+    assert versions <= {0, 2}, versions

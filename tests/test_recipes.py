@@ -68,6 +68,10 @@ def _shared_engine_factory(engine, real_factory):
     return make
 
 
+def _no_engine_here(backend, *args, **kwargs):
+    raise AssertionError(f"a {backend!r} generation engine was built in the learner's process")
+
+
 def _runs():
     """(config, the example's own overrides) for every shipped config and example."""
     import importlib
@@ -90,8 +94,10 @@ def test_recipe_runs_end_to_end(path, own, tmp_path, vllm_engine, monkeypatch):
     import asymre.rollout
 
     mod = load_recipe_module()
-    if cfg.rollout.mode == "colocated":  # async workers build their own engine in their own process
+    if cfg.rollout.mode == "colocated":
         monkeypatch.setattr(asymre.rollout, "make_generator", _shared_engine_factory(vllm_engine, asymre.rollout.make_generator))
+    else:  # async workers build their own engine in their own process, and evaluate on it: none is built here
+        monkeypatch.setattr(asymre.rollout, "make_generator", _no_engine_here)
     seen = []
     real_generate = type(vllm_engine).generate
     monkeypatch.setattr(type(vllm_engine), "generate", lambda self, prompts, spec: seen.append(g := real_generate(self, prompts, spec)) or g)

@@ -53,13 +53,12 @@ def custom_backend(spec: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def generator_from_config(cfg, model_path: str, rank: int = 0, backend: str | None = None, server_url: str | None = None) -> Generator:
+def generator_from_config(cfg, model_path: str, rank: int = 0, server_url: str | None = None) -> Generator:
     """The run's generation engine on learner rank `rank` (its sampling seed is rollout.seed + rank), as a worker
-    process or the recipe builds it; `backend` overrides rollout.backend (async evaluation uses 'hf'), `server_url`
-    makes it a client of that remote vLLM server. Its context holds the longest prompt plus the longer of the
-    training and evaluation completions."""
+    process or the recipe builds it; `server_url` makes it a client of that remote vLLM server. Its context holds
+    the longest prompt plus the longer of the training and evaluation completions (both run on it)."""
     ro = cfg.rollout
-    return make_generator(backend or ro.backend, model_path, dtype=cfg.model.dtype, seed=ro.seed + rank,
+    return make_generator(ro.backend, model_path, dtype=cfg.model.dtype, seed=ro.seed + rank,
                           max_model_len=ro.max_prompt_tokens + max(ro.max_new_tokens, cfg.eval.max_new_tokens),
                           max_prompt_tokens=ro.max_prompt_tokens, gpu_memory_utilization=ro.gpu_memory_utilization,
                           kv_cache_gb=ro.kv_cache_gb, server_url=server_url, chat_template_kwargs=dict(cfg.task.chat_template_kwargs),

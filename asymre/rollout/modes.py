@@ -7,7 +7,10 @@ holding the learner's weights for evaluation. Two implementations, picked by rol
   engine lags the learner, so a host copy of the weights it holds is kept for evaluations and checkpoints.
 - `AsyncRollout`: generation worker processes (a `WorkerPool` on the main process) generate and score while
   the learner trains; the main process buffers their groups and deals each rank its share of a step.
-  Evaluation runs on an in-process engine loaded with the learner's weights.
+  Evaluation runs on the workers' own engines (no model is built in the learner's process: under ZeRO-3 that
+  would be a collective of one rank); between pushes they are paused, lent the learner's weights for it and
+  given the behaviour weights back before they generate again. The alternative, a dedicated evaluation
+  worker, would hold an engine (a GPU) idle between evaluations.
 
 Every method is called on every rank (weight gathers are collectives under FSDP/DeepSpeed).
 """
@@ -26,6 +29,7 @@ from asymre.loss import NEEDS_BEHAVIOUR_LOGPROBS
 from asymre.rewards import RewardScorer
 from asymre.rollout import generator_from_config
 from asymre.rollout.base import Generator, SamplingSpec
+from asymre.rollout.worker import PoolEngine, WorkerPool
 from asymre.sync import WeightSync
 from asymre.tasks import PromptStream
 
@@ -201,17 +205,18 @@ class AsyncRollout(Rollout):
                  weights: Callable[[], Weights], vocab_size: int):
         # one prompt stream and one buffer, on the main process, dealing every rank its share
         super().__init__(cfg, accelerator, train_prompts, sync, weights, (0, 1), accelerator.num_processes)
-        self.model_path = model_path
         self.main = accelerator.is_main_process
         self.pool = None
         if self.main:
-            from asymre.rollout.worker import WorkerPool
-
             placement = self.placement()
             ro = cfg.rollout
             self.pool = WorkerPool(len(placement), generator_from_config, (cfg, model_path, accelerator.process_index), cfg,
                                    ro.worker_timeout_s, ro.max_worker_restarts, per_worker=placement, vocab_size=vocab_size)
-        self.eval_engine: Generator | None = None  # built on the main process at the first evaluation
+        self.pushed_version = 0  # the weights the workers hold: the last push (every rank keeps it)
+        # When evaluations fall between pushes (eval.every not a multiple of sync.interval), the workers are lent the
+        # learner's weights for them and given back a host copy of the last push's (one model's worth of memory)
+        self.lends = cfg.eval.every > 0 and cfg.eval.every % cfg.sync.interval != 0
+        self.last_pushed: Weights = self._copy(weights()) if self.lends else {}  # the workers start on the learner's weights
 
     def placement(self) -> list[tuple[dict, dict]]:
         """(factory kwargs, environment) per worker: a client of each remote server if rollout.server_urls is set
@@ -249,31 +254,56 @@ class AsyncRollout(Rollout):
             everything = broadcast_object_list([everything])[0]
         return everything[self.acc.process_index :: ranks], metrics
 
+    def _copy(self, state: Weights) -> Weights:
+        """A host copy of the weights just pushed, on the main process, when evaluations may need them back."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if self.lends and self.main else {}
+
     def push(self, version):
         state = self.weights()  # collective under FSDP/DeepSpeed
-        return self.sync.push(state, version, self.pool.handles) if self.main else 0.0
+        seconds = self.sync.push(state, version, self.pool.handles) if self.main else 0.0
+        self.pushed_version, self.last_pushed = version, self._copy(state)
+        return seconds
 
     @contextmanager
     def evaluation_engine(self, learner_step):
+        """The workers' engines, as one (`PoolEngine`); the other ranks wait for the main process at their next
+        collective (learner.dist_timeout_s)."""
         state = self.weights()  # gathered on every rank
         if not self.main:
             yield None
             return
-        if self.eval_engine is None:
-            with whole_models(self.acc):
-                self.eval_engine = generator_from_config(self.cfg, self.model_path, backend="hf")
-        self.eval_engine.load_weights(iter(state.items()), learner_step)
-        yield self.eval_engine
+        pool = self.pool
+        lent = [h for h in pool.handles if pool.workers[h.index].version != learner_step]
+        if lent and not self.last_pushed:
+            raise RuntimeError(f"evaluation at step {learner_step}: generation workers hold weights version "
+                               f"{sorted({pool.workers[h.index].version for h in lent})}, and no copy of them was kept to give back")
+        for h in lent:  # they finish the request they are on, then leave the queued ones until resumed
+            pool.pause(h.index)
+        try:
+            if lent:
+                self.sync.lend(state, learner_step, lent)
+            yield PoolEngine(pool, learner_step)
+        finally:
+            if lent:
+                self.sync.lend(self.last_pushed, self.pushed_version, lent)
+            for h in lent:
+                pool.resume(h.index)
+
+    def finish(self, learner_step):
+        if self.pushed_version != learner_step:  # the same decision on every rank: the gather is a collective
+            state = self.weights()
+            if self.main:
+                self.sync.push(state, learner_step, self.pool.handles)
+            self.pushed_version, self.last_pushed = learner_step, {}
 
     def _restore(self, weights, version, behaviour):
         if self.main:
             self.sync.push(weights, version, self.pool.handles)
+        self.pushed_version, self.last_pushed = version, self._copy(weights)
 
     def close(self):
         if self.pool is not None:
             self.pool.close()
-        if self.eval_engine is not None:
-            self.eval_engine.close()
         super().close()
 
 

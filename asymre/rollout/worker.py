@@ -3,11 +3,13 @@
 Each worker process owns one `Generator` (built in the child from a picklable factory), scores its own
 groups with the reward functions (off the learner's critical path), and answers: generate; load
 weights from a safetensors folder (the 'disk' sync method) or from its `WeightChannel` (the 'broadcast'
-method; `asymre.sync.WeightSync` opens the channel with a 'channel' message); stop. Weights and stop
-travel on a control queue that is read before the next queued generation request. The learner's main
-process talks to them through a `WorkerPool`, which only passes messages: it notices a dead or silent
-worker within `worker_timeout_s`, restarts it up to `max_restarts` times (re-sending its unfinished
-requests; the `WeightSync` that pushed last re-sends the latest weights), and otherwise raises
+method; `asymre.sync.WeightSync` opens the channel with a 'channel' message); evaluate (generate the
+held-out prompts unscored: the learner scores them); pause and resume (a paused worker leaves its queued
+generation requests alone, so weights lent for an evaluation never generate training groups); stop.
+All but generate travel on a control queue that is read before the next queued generation request.
+The learner's main process talks to them through a `WorkerPool`, which only passes messages: it notices a
+dead or silent worker within `worker_timeout_s`, restarts it up to `max_restarts` times (re-sending its
+unfinished requests; the `WeightSync` that pushed last re-sends the latest weights), and otherwise raises
 `WorkerError` naming the worker. Nothing here can hang forever: every wait has a deadline.
 """
 
@@ -29,13 +31,15 @@ class WorkerError(RuntimeError):
     """A generation worker died, went silent, or raised; the message names it."""
 
 
-def _next_message(ctrl_q, req_q):
-    """Control messages (weights, stop) jump the queue of generation requests."""
+def _next_message(ctrl_q, req_q, paused: bool = False):
+    """Control messages (weights, evaluate, pause, stop) jump the queue of generation requests, which a paused
+    worker does not read."""
     while True:
         try:
-            return ctrl_q.get_nowait()
+            return ctrl_q.get(timeout=0.05) if paused else ctrl_q.get_nowait()
         except queue.Empty:
-            pass
+            if paused:
+                continue
         try:
             return req_q.get(timeout=0.05)
         except queue.Empty:
@@ -56,11 +60,14 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
 
             scorer = RewardScorer.from_config(scorer_config)
         out_q.put(("ready", index, None))
+        paused = False
         while True:
-            msg = _next_message(ctrl_q, req_q)
+            msg = _next_message(ctrl_q, req_q, paused)
             kind = msg[0]
             if kind == "stop":
                 break
+            if kind in ("pause", "resume"):
+                paused = kind == "pause"
             if kind == "weights":
                 _, path, version = msg
                 gen.load_weights(path, version)
@@ -87,6 +94,9 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
                         out_q.put(("reward_error", index, (rid, str(e))))
                         continue
                 out_q.put(("groups", index, (rid, groups, metrics)))
+            elif kind == "evaluate":
+                _, rid, prompts, spec = msg
+                out_q.put(("evaluated", index, (rid, gen.generate(prompts, spec))))
         gen.close()
     except BaseException:  # noqa: BLE001 - anything the worker hits goes to the learner as its traceback
         out_q.put(("error", index, traceback.format_exc()))
@@ -116,6 +126,8 @@ class _Worker:
     req_q: Any = None
     ctrl_q: Any = None
     pending: dict[int, tuple] = field(default_factory=dict)  # request id -> (prompts, spec, learner step)
+    evals: dict[int, tuple] = field(default_factory=dict)  # evaluation request id -> (prompts, spec)
+    paused: bool = False
     last_heard: float = 0.0
     restarts: int = 0
     version: int = 0
@@ -154,6 +166,17 @@ class WorkerHandle:
         self.pool.recover(self.index, what, error)
 
 
+class PoolEngine:
+    """The workers as the one engine `asymre.evaluate` runs on (the `generate` side of a `Generator`): prompts go to
+    them as evaluation requests and come back in order, from weights `version` (the learner's, lent if need be)."""
+
+    def __init__(self, pool: WorkerPool, version: int):
+        self.pool, self.version = pool, version
+
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
+        return self.pool.evaluate(prompts, spec, self.version)
+
+
 class WorkerPool:
     def __init__(self, num_workers: int, factory: Callable, factory_args: tuple, scorer_config=None,
                  worker_timeout_s: float = 600.0, max_restarts: int = 2, start_timeout_s: float = 600.0,
@@ -168,6 +191,7 @@ class WorkerPool:
         self.out_q = self.ctx.Queue()
         self.workers = [_Worker(i) for i in range(num_workers)]
         self.results: list[tuple[int, list[TrajectoryGroup], dict]] = []
+        self.eval_results: dict[int, list[TrajectoryGroup]] = {}
         self.reward_errors: list[str] = []
         self.resend_weights: Callable[[WorkerHandle], None] | None = None  # set by the WeightSync that pushes
         self._next_rid = 0
@@ -220,6 +244,14 @@ class WorkerPool:
                 if problem:
                     raise WorkerError(f"generation worker {index} returned malformed groups for request {rid}: {problem}")
                 self.results.append((index, groups, metrics))
+        elif kind == "evaluated":
+            rid, groups = payload
+            request = w.evals.pop(rid, None)
+            if request is not None:
+                problem = check_groups(groups, *request, self.vocab_size)
+                if problem:
+                    raise WorkerError(f"generation worker {index} returned malformed groups for evaluation request {rid}: {problem}")
+                self.eval_results[rid] = groups
         elif kind == "reward_error":
             rid, err = payload
             w.pending.pop(rid, None)
@@ -238,7 +270,7 @@ class WorkerPool:
         now = time.monotonic()
         for w in self.workers:
             dead = w.proc.exitcode is not None
-            silent = bool(w.pending) and now - w.last_heard > self.worker_timeout_s
+            silent = bool(w.pending or w.evals) and now - w.last_heard > self.worker_timeout_s
             if not (dead or silent):
                 continue
             why = (f"exited with code {w.proc.exitcode}" if dead
@@ -257,11 +289,16 @@ class WorkerPool:
         w.proc.join(timeout=10)
         w.restarts += 1
         pending = dict(w.pending)
-        w.version = -1  # the new process has its initial weights until it acknowledges a push
+        # the new process has its initial weights (version 0) until it acknowledges the latest push, if there was one
+        w.version = -1 if self.resend_weights is not None else 0
         self._spawn(w)
         self._wait_ready([w.index])
+        if w.paused:
+            w.ctrl_q.put(("pause",))
         if self.resend_weights is not None:
             self.resend_weights(WorkerHandle(self, w.index))
+        for rid, request in w.evals.items():  # answered with the weights it now holds: `evaluate` checks their version
+            w.ctrl_q.put(("evaluate", rid, *request))
         for rid, request in pending.items():
             w.req_q.put(("generate", rid, *request))
 
@@ -297,6 +334,39 @@ class WorkerPool:
                 break
         out, self.results = self.results, []
         return out
+
+    def pause(self, index: int) -> None:
+        """Worker `index` leaves its queued generation requests alone (control messages still run) until `resume`."""
+        self.workers[index].paused = True
+        self.workers[index].ctrl_q.put(("pause",))
+
+    def resume(self, index: int) -> None:
+        self.workers[index].paused = False
+        self.workers[index].ctrl_q.put(("resume",))
+
+    def evaluate(self, prompts: list[Prompt], spec: SamplingSpec, version: int) -> list[TrajectoryGroup]:
+        """Generate `prompts` with `spec` on the workers (split in contiguous shares, one per worker, sent ahead of
+        their queued generation requests; nothing scored there) and return the groups in the order of the prompts.
+        Every answer must come from weights `version`, else `WorkerError` (a worker restarted mid-evaluation onto
+        other weights)."""
+        share = max(1, -(-len(prompts) // len(self.workers)))  # ceil: the last worker(s) may get fewer, or none
+        rids = []
+        for w, start in zip(self.workers, range(0, len(prompts), share)):
+            rid = self._next_rid
+            self._next_rid += 1
+            if not (w.pending or w.evals):
+                w.last_heard = time.monotonic()
+            w.evals[rid] = (prompts[start : start + share], spec)
+            w.ctrl_q.put(("evaluate", rid, *w.evals[rid]))
+            rids.append(rid)
+        while any(rid not in self.eval_results for rid in rids):  # a silent worker is restarted (or reported) first
+            self._handle(self._get(time.monotonic() + 2 * self.worker_timeout_s, f"evaluation requests {rids}"))
+        groups = [g for rid in rids for g in self.eval_results.pop(rid)]
+        other = sorted({g.version for g in groups} - {version})
+        if other:
+            raise WorkerError(f"evaluation of policy version {version}: a generation worker answered with weights version "
+                              f"{other[0]} instead (a worker restarted mid-evaluation is given the last push back); not scored")
+        return groups
 
     def recover(self, index: int, what: str, error: Exception) -> None:
         """After a failed weight transfer to worker `index`: restart it if it died and restarts are left (the

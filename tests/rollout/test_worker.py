@@ -79,6 +79,23 @@ def test_dead_worker_is_restarted_then_reported(model_path, monkeypatch):
         pool.close()
 
 
+def test_worker_dying_mid_evaluation_gets_its_share_again_then_is_reported(model_path, monkeypatch):
+    """An evaluation waits on its workers with their deadlines: a worker that dies on its share is restarted and
+    given the share again (the second incarnation dies on it too), and past max_restarts the error names it."""
+    monkeypatch.setenv("ASYMRE_FAKE_GEN_SLEEP", "0.1")
+    monkeypatch.setenv("ASYMRE_FAKE_DIE_AT", "1")  # every incarnation dies on its first request
+    _, prompts = build_task(load_config(None, ["task.eval_size=3"]).task)
+    pool = worker_pool(model_path, "tests.fakes:DyingGenerator", worker_timeout_s=30, max_restarts=1)
+    try:
+        t0 = time.time()
+        with pytest.raises(WorkerError, match=r"worker 0 exited with code 17; restarted 1 times"):
+            pool.evaluate(prompts, SamplingSpec(n=1, temperature=0.0, max_new_tokens=4), version=0)
+        assert time.time() - t0 < 120
+        assert pool.workers[0].restarts == 1 and list(pool.workers[0].evals.values())[0][0] == prompts
+    finally:
+        pool.close()
+
+
 def test_weight_push_to_hanging_worker_times_out(model_path, tmp_path):
     pool = worker_pool(model_path, "tests.fakes:HangingGenerator", worker_timeout_s=60)
     try:

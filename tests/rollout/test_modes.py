@@ -1,0 +1,91 @@
+"""The recipe's interface to generation (`asymre/rollout/modes.py`): async evaluation runs on the generation worker
+processes (two real ones, with the reply fake), never on an engine built in the learner's process, and evaluating
+between pushes leaves the off-policy regime as it was."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import asymre.rollout
+from asymre.config import load_config
+from asymre.data import Prompt
+from asymre.evaluate import evaluate
+from asymre.rewards import RewardScorer
+from asymre.rollout.base import SamplingSpec
+from asymre.rollout.modes import AsyncRollout
+from asymre.sync import WeightSync
+
+MAIN = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0)
+
+
+def _no_engine_here(*args, **kwargs):
+    raise AssertionError(f"an engine was built in the learner's process: make_generator{args}")
+
+
+def _prompts(n: int, tag: str, sleep: float = 0.0) -> list[Prompt]:
+    """Prompt i asks for i and is answered with i when i is even (the reply fake answers with `replies`, after `sleep` s)."""
+    return [Prompt(f"{tag}{i}", [{"role": "user", "content": f"Say {i}."}],
+                   {"answer": str(i), "replies": [str(i) if i % 2 == 0 else "no"], "sleep": sleep}) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def rollout(model_path, tmp_path_factory):
+    """Two reply-fake workers in async mode, evaluating every step and pushing every 2 (evaluations between pushes);
+    the learner's weights are one tensor whose sum a test sets (`rollout.learner["w"]`)."""
+    folder = tmp_path_factory.mktemp("async-eval")
+    cfg = load_config(None, ["rollout.mode=async", "rollout.backend=tests.fakes:ReplyGenerator", "rollout.num_workers=2",
+                             "rollout.worker_timeout_s=120", "eval.every=1", "sync.interval=2", "sync.method=disk",
+                             f"logging.run_dir={folder}"])
+    learner = {"w": torch.ones(2)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(asymre.rollout, "make_generator", _no_engine_here)  # the workers (spawned) build their own
+        r = AsyncRollout(cfg, MAIN, str(model_path), _prompts(4, "t"), WeightSync.from_config(cfg, folder), lambda: dict(learner),
+                         vocab_size=49152)
+    r.learner = learner
+    yield r
+    r.close()
+
+
+def test_async_evaluation_goes_to_the_workers_and_comes_back_in_prompt_order(rollout, monkeypatch):
+    """If evaluation were answered out of order, each prompt's answer would be scored against another prompt's reference;
+    if it ran on an engine built in the learner's process (the old transformers copy, a collective of one rank under
+    ZeRO-3), `make_generator` would be called here."""
+    monkeypatch.setattr(asymre.rollout, "make_generator", _no_engine_here)
+    prompts = _prompts(7, "e")
+    step = rollout.pool.workers[0].version  # the weights the workers hold: nothing to lend
+    with rollout.evaluation_engine(step) as engine:
+        groups = engine.generate(prompts, SamplingSpec(n=1, temperature=0.0, max_new_tokens=8))
+        out = evaluate(engine, prompts, RewardScorer(["numeric"]), max_new_tokens=8)
+    assert [g.prompt.uid for g in groups] == [p.uid for p in prompts]
+    assert [g.trajectories[0].text for g in groups] == [p.columns["replies"][0] for p in prompts]
+    pids = [g.trajectories[0].extras["pid"] for g in groups]
+    assert pids == [pids[0]] * 4 + [pids[4]] * 3 and pids[0] != pids[4]  # split in order over both workers
+    assert {pids[0], pids[4]} == {w.proc.pid for w in rollout.pool.workers}
+    assert out["eval/pass@1"] == pytest.approx(4 / 7) and out["eval/prompts"] == 7
+
+
+def test_async_evaluation_between_pushes_lends_the_learners_weights_then_gives_the_behaviour_back(rollout):
+    """Evaluation scores the learner's weights at its step, while the workers lag (sync.interval=2): they are lent them.
+    If they kept them, or took a queued generation request while holding them, training groups would come from weights
+    newer than their version tag says (the off-policy regime changed by evaluating)."""
+    pool = rollout.pool
+    rollout.learner["w"] = torch.full((2,), 3.0)
+    rollout.push(2)  # the behaviour weights, sum 6, version 2
+    rollout.learner["w"] = torch.full((2,), 5.0)  # the learner at step 3, sum 10
+    train_prompts, spec = _prompts(2, "q", sleep=0.3), SamplingSpec(n=2, max_new_tokens=8)
+    for _ in range(6):  # queued on both workers while they evaluate
+        pool.submit(train_prompts, spec, step=3)
+    with rollout.evaluation_engine(3) as engine:
+        groups = engine.generate(_prompts(5, "e"), SamplingSpec(n=1, temperature=0.0, max_new_tokens=8))
+    assert {(g.version, t.extras["weights_sum"]) for g in groups for t in g.trajectories} == {(3, 10.0)}
+    assert [w.version for w in pool.workers] == [2, 2]
+    trained = []
+    while pool.outstanding():
+        trained += [g for _, gs, _ in pool.poll(timeout=30.0) for g in gs]
+    pool.submit(train_prompts, spec, step=3)  # generated after the evaluation
+    while pool.outstanding():
+        trained += [g for _, gs, _ in pool.poll(timeout=30.0) for g in gs]
+    assert len(trained) == 14
+    assert {(g.version, t.extras["weights_sum"]) for g in trained for t in g.trajectories} == {(2, 6.0)}
+    assert not (rollout.sync.folder / "lent").exists() and (rollout.sync.folder / "latest").is_dir()
