@@ -99,6 +99,9 @@ class RolloutConfig:
     max_prompt_tokens: int = _f(1024, "Prompts longer than this are truncated from the left.", "[1, inf)")
     gpu_memory_utilization: float = _f(0.5, "vLLM on GPU: share of GPU memory the engine may use.", "(0, 1]")
     kv_cache_gb: float = _f(1.0, "vLLM on CPU: KV-cache size in GiB.", "(0, inf)")
+    sleep_level: int = _f(0, "Colocated vLLM on a GPU: free the engine's GPU memory while the learner trains (vLLM sleep mode): "
+                             "1 offloads its weights to host memory and drops the KV cache, 2 drops both (needs sync.interval=1: "
+                             "every round then starts with a push); 0 keeps the engine resident.", "[0, 2]")
     devices: list[int] = _f([], "Async mode on GPUs: device ids for the generation workers (round robin; keep them off the learner's).")
     server_urls: list[str] = _f([], "Async mode: remote vLLM servers (http:// or https://host:port), one worker each, instead of local engines.")
     server_api_key_env: str | None = _f(None, "Name of the environment variable holding the servers' API key (vllm serve --api-key); "
@@ -303,6 +306,9 @@ def validate(cfg: Config) -> Config:
                           "and no rollout.server_urls (remote servers load a folder: sync.method=disk)")
     if cfg.sync.method == "inprocess" and cfg.rollout.mode == "async":
         raise ConfigError("sync.method=inprocess reaches only a colocated engine; with rollout.mode=async use 'broadcast' or 'disk'")
+    if cfg.rollout.sleep_level == 2 and cfg.sync.interval != 1:
+        raise ConfigError(f"rollout.sleep_level=2 drops the engine's weights while it sleeps, but sync.interval={cfg.sync.interval} "
+                          "needs them for the rounds before the next push: use rollout.sleep_level=1 (offload) or sync.interval=1")
     if cfg.buffer.max_staleness < cfg.sync.interval - 1:
         raise ConfigError(f"buffer.max_staleness={cfg.buffer.max_staleness} is below sync.interval - 1 = {cfg.sync.interval - 1}: "
                           "between two weight pushes the engine's groups grow that stale, so the learner would starve")

@@ -11,7 +11,8 @@
 #   2. the loss path's memory bench on the GPU (4,096 positions x 151,936 vocabulary, bf16 logits);
 #   3. FSDP, DeepSpeed ZeRO-2 and ZeRO-3 (one process each) prepare + 2 steps, one optimizer step per learner step
 #      (DeepSpeed parts skipped where deepspeed is not installed);
-#   4. where vLLM is installed, the colocated vLLM recipe for 2 steps (skipped cleanly without it).
+#   4. where vLLM is installed, the colocated vLLM recipe for 2 steps, again with rollout.sleep_level=1, and the GPU
+#      memory one sleep frees (skipped cleanly without vLLM).
 # PY picks the interpreter (default: the project's .venv, else python3); each part is cut at PART_TIMEOUT seconds.
 set -u
 cd "$(dirname "$0")/.."
@@ -77,6 +78,27 @@ if $PY -c "import vllm" > /dev/null 2>&1; then
     report "4 colocated vLLM recipe" PASS
   else
     report "4 colocated vLLM recipe" FAIL; tail -20 "$OUT/vllm.log"
+  fi
+  # sleep mode: the same recipe with the engine asleep while the learner trains, and the memory one sleep frees
+  if timeout $T $ACC launch --config_file recipes/accelerate/single_gpu.yaml recipes/train.py --config $CFG "${SMALL[@]}" rollout.backend=vllm \
+      model.dtype=bfloat16 rollout.gpu_memory_utilization=0.3 rollout.sleep_level=1 logging.run_dir="$OUT/vllm_sleep" > "$OUT/vllm_sleep.log" 2>&1 \
+    && timeout $T $PY - "$MODEL" <<'EOF'
+import sys
+
+import torch
+
+from asymre.models import resolve_model
+from asymre.rollout.vllm_engine import VLLMGenerator
+
+engine = VLLMGenerator(resolve_model(sys.argv[1]), "bfloat16", 512, 0, 0.3, 1.0, 128, None, sleep_level=1)
+before = torch.cuda.mem_get_info()[0]
+engine.sleep()
+print(f"[gpu-smoke] vLLM sleep level 1 freed {(torch.cuda.mem_get_info()[0] - before) / 2**30:.2f} GiB")
+EOF
+  then
+    report "4 colocated vLLM recipe, sleep mode" PASS
+  else
+    report "4 colocated vLLM recipe, sleep mode" FAIL; tail -20 "$OUT/vllm_sleep.log"
   fi
 else
   report "4 colocated vLLM recipe" SKIP

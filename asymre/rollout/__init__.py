@@ -18,7 +18,7 @@ def resolve_backend(backend: str) -> str:
 def make_generator(backend: str, model_path: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 2048,
                    max_prompt_tokens: int = 1024, gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0,
                    device: str | None = None, server_url: str | None = None, chat_template_kwargs: dict | None = None,
-                   api_key_env: str | None = None) -> Generator:
+                   api_key_env: str | None = None, sleep_level: int = 0) -> Generator:
     """Build one generator. Picklable arguments only, so worker processes can call it too.
     `backend` may also be a dotted path 'pkg.module:factory' to a user's own backend, called with
     (model_path, dtype=..., seed=...), plus chat_template_kwargs=... when task.chat_template_kwargs is set,
@@ -37,7 +37,7 @@ def make_generator(backend: str, model_path: str, *, dtype: str = "float32", see
         from asymre.rollout.vllm_engine import VLLMGenerator
 
         return VLLMGenerator(model_path, dtype, max_model_len, seed, gpu_memory_utilization, kv_cache_gb, max_prompt_tokens,
-                             chat_template_kwargs)
+                             chat_template_kwargs, sleep_level=sleep_level)
     if backend == "hf":
         from asymre.rollout.hf import HFGenerator
 
@@ -62,7 +62,8 @@ def generator_from_config(cfg, model_path: str, rank: int = 0, server_url: str |
                           max_model_len=ro.max_prompt_tokens + max(ro.max_new_tokens, cfg.eval.max_new_tokens),
                           max_prompt_tokens=ro.max_prompt_tokens, gpu_memory_utilization=ro.gpu_memory_utilization,
                           kv_cache_gb=ro.kv_cache_gb, server_url=server_url, chat_template_kwargs=dict(cfg.task.chat_template_kwargs),
-                          api_key_env=ro.server_api_key_env if server_url else None)
+                          api_key_env=ro.server_api_key_env if server_url else None,
+                          sleep_level=ro.sleep_level if ro.mode == "colocated" else 0)
 
 
 def check_rollout_config(cfg) -> None:
@@ -74,6 +75,7 @@ def check_rollout_config(cfg) -> None:
 
     from asymre.config import ConfigError
     from asymre.rollout.base import generation_kwargs_problem
+    from asymre.sync import torch_cuda_available
 
     ro = cfg.rollout
     engine_kind = "remote" if ro.server_urls else resolve_backend(ro.backend)
@@ -81,6 +83,10 @@ def check_rollout_config(cfg) -> None:
         problem = generation_kwargs_problem(engine_kind, dict(kwargs))
         if problem:
             raise ConfigError(f"{key}: {problem}")
+    if ro.sleep_level and (ro.mode != "colocated" or engine_kind != "vllm" or not torch_cuda_available()):
+        raise ConfigError(f"rollout.sleep_level={ro.sleep_level} frees a colocated vLLM engine's GPU memory while the learner "
+                          f"trains: it needs rollout.mode=colocated, the vllm backend and a GPU (here: mode {ro.mode}, engine "
+                          f"{engine_kind}, {'a' if torch_cuda_available() else 'no'} GPU; vLLM has no sleep mode on CPU)")
     if ro.server_urls and ro.server_api_key_env and not os.environ.get(ro.server_api_key_env):
         raise ConfigError(f"rollout.server_api_key_env={ro.server_api_key_env}: that environment variable is not set")
     if ":" not in ro.backend or not cfg.task.chat_template_kwargs:

@@ -159,6 +159,8 @@ class ColocatedRollout(Rollout):
             metrics["perf/generation_seconds"] = metrics.get("perf/generation_seconds", 0.0) + time.perf_counter() - t0
             metrics.update(self.scorer.score(groups, learner_step))
             self.buffer.add(groups)
+        if self.cfg.rollout.sleep_level:
+            self.engine.sleep()  # the learner trains next: its memory back until the next push or round
         return self.buffer.sample(n, learner_step), metrics
 
     def push(self, version):

@@ -38,7 +38,7 @@ class VLLMGenerator:
 
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0, max_prompt_tokens: int = 1024,
-                 chat_template_kwargs: dict | None = None):
+                 chat_template_kwargs: dict | None = None, sleep_level: int = 0):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM drops torch to one thread "for serving" unless OMP_NUM_THREADS is set; the colocated
         # learner shares this process and needs every core.
@@ -49,6 +49,8 @@ class VLLMGenerator:
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=not on_gpu)
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            if sleep_level:
+                kwargs["enable_sleep_mode"] = True  # vllm 0.32 ModelConfig: CUDA only, turns on its cumem allocator
         else:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
         self.llm = LLM(**kwargs)
@@ -58,10 +60,30 @@ class VLLMGenerator:
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.version = 0
         self.fast_refresh: bool | None = None  # decided at the first push (refresh_supported)
+        self.sleep_level = sleep_level
+        self.asleep: set[str] = set()  # what sleep() released: "weights", "kv_cache"
+
+    def sleep(self) -> None:
+        """Release the engine's GPU memory for the learner until the next push or round (rollout.sleep_level). vLLM
+        0.32 `LLM.sleep`: level 1 offloads the weights to host memory and discards the KV cache; level 2 discards
+        both. `load_weights` wakes the weights alone (a push fills them: TRL's colocate mode does the same), the
+        next `generate` whatever still sleeps (`LLM.wake_up(tags)`, tags "weights" and "kv_cache")."""
+        if self.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = {"weights", "kv_cache"}
+
+    def _wake(self, *tags: str) -> None:
+        todo = [t for t in tags if t in self.asleep]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self.asleep -= set(todo)
+            if "kv_cache" in todo:
+                self.llm.reset_prefix_cache()  # the cache's contents were discarded
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
         from vllm import SamplingParams
 
+        self._wake("weights", "kv_cache")
         greedy = spec.temperature == 0.0
         params = SamplingParams(n=spec.n, temperature=0.0 if greedy else spec.temperature, top_p=1.0 if greedy else spec.top_p,
                                 max_tokens=spec.max_new_tokens, seed=spec.seed, logprobs=0 if spec.logprobs else None, **spec.extra)
@@ -80,6 +102,7 @@ class VLLMGenerator:
         return groups
 
     def load_weights(self, weights: Weights | str, version: int) -> None:
+        self._wake("weights")
         if self.fast_refresh is None:
             self.fast_refresh = all(self.llm.collective_rpc(refresh_supported))
         if not self.fast_refresh:
@@ -93,7 +116,8 @@ class VLLMGenerator:
 
                 weights = read_weights_folder(weights)
             self.llm.collective_rpc(refresh_weights, args=(iter(weights),))
-        self.llm.reset_prefix_cache()
+        if "kv_cache" not in self.asleep:  # else reset when it wakes
+            self.llm.reset_prefix_cache()
         self.version = version
 
     def close(self) -> None:

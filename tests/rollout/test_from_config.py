@@ -36,3 +36,59 @@ def test_custom_backend_that_cannot_take_chat_template_kwargs_is_refused_at_star
         check_rollout_config(cfg)
     with pytest.raises(ConfigError, match="cannot load the factory"):
         check_rollout_config(load_config(None, [f"rollout.backend={__name__}:missing", "task.chat_template_kwargs={a: 1}"]))
+
+
+class _SleepyLLM:
+    """What VLLMGenerator calls on vLLM's LLM around sleep mode, recorded in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def collective_rpc(self, fn, args=(), kwargs=None):
+        self.calls.append(("rpc",))
+        return [False]  # no fast refresh: vLLM's own reload_weights path
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append(("generate",))
+        return []
+
+
+def test_sleep_mode_wakes_the_weights_for_a_push_and_the_cache_for_a_round():
+    """rollout.sleep_level: the engine sleeps while the learner trains; a push wakes only the weights (it fills them;
+    the KV cache stays released), the next round wakes the cache and resets the prefix cache it dropped."""
+    from asymre.rollout.base import SamplingSpec
+    from asymre.rollout.vllm_engine import VLLMGenerator
+
+    engine = VLLMGenerator.__new__(VLLMGenerator)
+    engine.llm, engine.sleep_level, engine.asleep, engine.fast_refresh, engine.version = _SleepyLLM(), 1, set(), None, 0
+    engine.tokenizer, engine.max_prompt_tokens, engine.chat_template_kwargs = None, 16, {}
+    engine.sleep()
+    engine.sleep()  # already asleep: nothing more
+    engine.load_weights([], 1)
+    engine.generate([], SamplingSpec(n=1, temperature=1.0, max_new_tokens=4, seed=0))
+    assert engine.llm.calls == [("sleep", 1), ("wake_up", ("weights",)), ("rpc",), ("rpc",), ("wake_up", ("kv_cache",)),
+                                ("reset_prefix_cache",), ("generate",)]
+    assert engine.asleep == set() and engine.version == 1
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["rollout.sleep_level=1"], "rollout.sleep_level=1 frees a colocated vLLM engine's GPU memory"),
+    (["rollout.sleep_level=2", "sync.interval=2", "buffer.max_staleness=1"], "rollout.sleep_level=2 drops the engine's weights"),
+])
+def test_sleep_mode_is_refused_where_it_cannot_work(overrides, said):
+    """No sleep mode in vLLM on CPU (nor for workers or transformers engines); level 2 would lose the behaviour
+    weights a lagging engine still generates with."""
+    from asymre.config import ConfigError, load_config
+    from asymre.rollout import check_rollout_config
+
+    with pytest.raises(ConfigError, match=said):
+        check_rollout_config(load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", overrides))
