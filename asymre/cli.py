@@ -1,5 +1,6 @@
-"""`asymre` command line: plot a run, evaluate a checkpoint, run the bandit lab.
+"""`asymre` command line: train, plot a run, evaluate a checkpoint, run the bandit lab.
 
+    asymre train [--config NAME_OR_FILE] [--accelerate-config NAME_OR_FILE] [--dry-run] [key=value ...]
     asymre plot RUN_DIR [--out FILE]
     asymre show RUN_DIR [--step N] [-n K]
     asymre export CHECKPOINT OUT [--behaviour] [--push-to-hub REPO]
@@ -61,9 +62,49 @@ def show(run_dir: str, step: int | None = None, n: int = 8) -> str:
     return "\n".join(out)
 
 
+def _train_parser(sub) -> None:
+    from asymre.config import help_text
+    from asymre.launch import packaged
+
+    pt = sub.add_parser("train", help="train: the packaged recipe under `accelerate launch`", allow_abbrev=False,
+                        usage="asymre train [--config C] [--accelerate-config A] [--dry-run] [accelerate launch args] [key=value ...]",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Runs `accelerate launch [--config_file A] <asymre>/recipes/train.py --config C key=value ...`. "
+                                    "key=value words are config overrides; any other word goes to accelerate launch (e.g. --num_processes 2).",
+                        epilog="Overrides: dotted key=value, e.g. learner.lr=1e-5\n\n" + help_text())
+    pt.add_argument("--config", default=None, help=f"YAML config: a file, or a packaged one ({', '.join(packaged('configs'))})")
+    pt.add_argument("--accelerate-config", default=None,
+                    help=f"accelerate config: a file, or a packaged one ({', '.join(packaged('accelerate'))}); default: cpu without a GPU, "
+                         "else accelerate's own default (your `accelerate config`)")
+    pt.add_argument("--dry-run", action="store_true", help="print the launch command, run nothing")
+
+
+def _train(a, words: list[str]) -> int:
+    import shlex
+
+    from asymre.config import ConfigError
+    from asymre.launch import train_command
+
+    has_gpu = False
+    if a.accelerate_config is None:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    try:
+        cmd = train_command(a.config, a.accelerate_config, words, has_gpu)
+    except ConfigError as e:
+        print(f"{e.label}: {e}", file=sys.stderr)
+        return 2
+    print(shlex.join(cmd), file=sys.stdout if a.dry_run else sys.stderr, flush=True)
+    if a.dry_run:
+        return 0
+    os.execv(cmd[0], cmd)  # accelerate launch takes this process's place: its exit code, Ctrl-C and signals are the run's
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="asymre", description="asymre tools")
     sub = p.add_subparsers(dest="cmd", required=True)
+    _train_parser(sub)
     pp = sub.add_parser("plot", help="write PNG curves of a run (reward, eval, entropy, staleness, loss)")
     pp.add_argument("run_dir")
     pp.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
@@ -82,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     px.add_argument("--push-to-hub", default=None, metavar="REPO", help="then upload the folder to this hub repo")
     pb = sub.add_parser("bandit", help="reproduce the paper's bandit figures")
     pb.add_argument("--out", default="runs/bandit")
-    a = p.parse_args(argv)
+    a, words = p.parse_known_args(argv)
+    if a.cmd == "train":
+        return _train(a, words)
+    if words:
+        p.error(f"unrecognized arguments: {' '.join(words)}")
     if a.cmd == "plot":
         from asymre.plot import plot_run
 

@@ -194,8 +194,9 @@ class LoggingConfig:
     verbose: bool = _f(False, "Show the libraries' own log lines (vLLM's engine set-up, transformers' loading bars, deprecation "
                               "notices) and the traceback of a start-up error, not just its one line.")
     overwrite: bool = _f(False, "Start over in a run folder that holds an earlier run: delete its metrics, checkpoints and final model first.")
-    report_to: list[str] = _f([], "Trackers besides metrics.jsonl: 'wandb'.")
-    project: str = _f("asymre", "wandb project.")
+    report_to: list[str] = _f([], "Trackers besides metrics.jsonl (always written): 'wandb', 'tensorboard' (in RUN_DIR/tensorboard), "
+                                  "'trackio', 'mlflow'; each needs its package installed.")
+    project: str = _f("asymre", "wandb project (trackio's project, mlflow's experiment).")
     tags: list[str] = _f([], "wandb tags.")
     progress: bool = _f(True, "Show a progress bar.")
     completions_every: int = _f(1, "Write the step's sampled prompts, completions, rewards and advantages to completions.jsonl "

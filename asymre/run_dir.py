@@ -22,7 +22,7 @@ from asymre.config import InputError
 log = logging.getLogger("asymre")
 
 # What a run writes into its folder: all of it, and only it, goes with logging.overwrite=true.
-RUN_FILES = ("metrics.jsonl", "completions.jsonl", "config.json", "checkpoints", "final_model", "sync", "wandb", "curves.png")
+RUN_FILES = ("metrics.jsonl", "completions.jsonl", "config.json", "checkpoints", "final_model", "sync", "wandb", "tensorboard", "curves.png")
 # Keys that may differ between a checkpoint and the run that continues it: length, cadence, logging,
 # placement and deadlines. Every other key changes what the run computes and must match.
 MAY_CHANGE_ON_RESUME = ("learner.steps", "resume", "logging.", "eval.", "checkpoint.", "model.cache_dir",

@@ -37,7 +37,7 @@ from asymre.run_dir import RunDirError, open_run_dir
 from asymre.sizing import warn_if_memory_short
 from asymre.sync import WeightSync
 from asymre.tasks import build_task
-from asymre.tracking import MetricsLogger
+from asymre.tracking import MetricsLogger, check_trackers
 
 log = logging.getLogger("asymre")
 
@@ -76,6 +76,7 @@ class AsymRERecipe:
         train, self.eval_prompts = build_task(cfg.task)
         check_model_name(cfg.model.name)
         check_rollout_config(cfg)
+        check_trackers(cfg.logging.report_to)
         resume_from = self._open_run_dir()
         self.metrics = MetricsLogger(self.run_dir, list(cfg.logging.report_to), to_dict(cfg), cfg.logging.project,
                                      cfg.logging.run_name, list(cfg.logging.tags), enabled=self.main, resume=resume_from is not None)

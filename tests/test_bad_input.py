@@ -116,6 +116,24 @@ def test_bad_input_is_one_line_and_exit_code_2(overrides, said, tmp_path, capsys
     assert not run.exists() or sorted(p.name for p in run.iterdir()) in ([], ["config.json"])
 
 
+@pytest.mark.parametrize("tracker, said", [
+    ("tensorbord", "config error: logging.report_to: 'tensorbord' is not a tracker asymre logs to (wandb, tensorboard, trackio, mlflow)"),
+    ("tensorboard", "config error: logging.report_to: 'tensorboard' needs the tensorboard package, which is not installed "
+                    "(pip install tensorboard)")])
+def test_a_tracker_unknown_or_not_installed_is_refused_at_start_up(tracker, said, tmp_path, capsys, monkeypatch):
+    """A typo or a tracker whose package is missing stops the run before any model loads and before the run folder is
+    claimed (the rerun after `pip install` must not find it taken), instead of failing at the first log line."""
+    import asymre.models
+    import asymre.tracking
+
+    monkeypatch.setattr(asymre.tracking, "_installed", lambda name: name != "tensorboard")  # whatever this machine has
+    mod = load_recipe_module()
+    monkeypatch.setattr(mod, "resolve_model", lambda *a, **k: pytest.fail("a model was loaded before the input was checked"))
+    assert mod.main(["--config", CPU, f"logging.report_to=[wandb,{tracker}]", f"logging.run_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [said]
+    assert not (tmp_path / "run").exists()
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     from asymre.tasks.datasets import DataError
 

@@ -78,6 +78,68 @@ def test_wandb_offline_without_key_said_once(tmp_path, monkeypatch, caplog):
     assert read_metrics(tmp_path)[0]["reward/mean"] == 1.0  # wandb is never the only record
 
 
+class _RecordingTracker:
+    """Stands in for an Accelerate tracker class: records what MetricsLogger asks of it."""
+
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.calls = args, kwargs, []
+        _RecordingTracker.made.append(self)
+
+    def start(self):
+        self.calls.append(("start",))
+
+    def store_init_configuration(self, values):
+        self.calls.append(("config", values))
+
+    def log(self, values, step=None):
+        self.calls.append(("log", dict(values), step))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+@pytest.mark.parametrize("name, cls", [("tensorboard", "TensorBoardTracker"), ("trackio", "TrackioTracker"), ("mlflow", "MLflowTracker")])
+def test_accelerate_trackers_get_the_config_every_step_and_the_finish(name, cls, tmp_path, monkeypatch):
+    """report_to=[NAME] starts Accelerate's tracker for it with the run's names, hands it the flattened config, every
+    logged step with its step number, and finishes it on close; metrics.jsonl still gets every row."""
+    import accelerate.tracking
+
+    import asymre.tracking
+
+    monkeypatch.setattr(asymre.tracking, "_installed", lambda n: True)
+    monkeypatch.setattr(accelerate.tracking, cls, _RecordingTracker)
+    _RecordingTracker.made = []
+    ml = MetricsLogger(tmp_path, [name], {"loss": {"delta_v": -0.1}, "reward": {"funcs": ["numeric"], "kwargs": {}}}, project="p", run_name="r")
+    ml.log({"reward/mean": 0.5}, step=1)
+    ml.log({"reward/mean": 0.75}, step=2)
+    ml.close()
+    (tracker,) = _RecordingTracker.made
+    assert tracker.calls == [("start",), ("config", {"loss.delta_v": -0.1, "reward.funcs": '["numeric"]', "reward.kwargs": "{}"}),
+                             ("log", {"reward/mean": 0.5}, 1), ("log", {"reward/mean": 0.75}, 2), ("finish",)]
+    made_with = {"tensorboard": (("r", tmp_path / "tensorboard"), {}), "trackio": (("p",), {"name": "r"}),
+                 "mlflow": ((), {"experiment_name": "p", "run_name": "r"})}[name]
+    assert (tracker.args, tracker.kwargs) == made_with
+    assert [r["reward/mean"] for r in read_metrics(tmp_path)] == [0.5, 0.75]
+
+
+def test_tensorboard_event_file_holds_every_logged_step(tmp_path):
+    """With tensorboard installed (not a dependency), report_to=[tensorboard] writes RUN_DIR/tensorboard/RUN_NAME,
+    which tensorboard reads back: each scalar at its step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ml = MetricsLogger(tmp_path, ["tensorboard"], {"loss": {"delta_v": -0.1}}, run_name="r")
+    ml.log({"reward/mean": 0.5, "loss/value": 1.0}, step=1)
+    ml.log({"reward/mean": 0.75, "loss/value": 0.5}, step=2)
+    ml.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "r"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [(1, 0.5), (2, 0.75)]
+    assert [(e.step, e.value) for e in events.Scalars("loss/value")] == [(1, 1.0), (2, 0.5)]
+
+
 def test_distinct_answers():
     assert distinct_answers([_group(["5", "The answer is 5", "6"]), _group(["x", "x"])]) == pytest.approx(1.5)
 

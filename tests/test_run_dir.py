@@ -75,6 +75,7 @@ def test_overwrite_deletes_only_what_a_run_writes(tmp_path, caplog):
     run = tmp_path / "run"
     _fake_run(run, _config())
     (run / "notes.txt").write_text("mine")
+    (run / "tensorboard" / "asymre").mkdir(parents=True)  # report_to=[tensorboard]: the old event files would mix with the new
     with caplog.at_level(logging.WARNING, logger="asymre"):
         assert open_run_dir(run, "none", True, _config(), 0.0) is None
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "notes.txt"]
