@@ -56,9 +56,9 @@ MUTATIONS = [
              "return learner_step > 0 and (learner_step + 1) % self.interval == 0",
              ("tests/test_learner.py::test_weight_push_is_due_every_interval_steps", "tests/test_offpolicy_checkpoint.py")),
     Mutation("collected groups are tagged with the learner's step instead of the engine's version", "asymre/rollout/modes.py",
-             "            self.buffer.add(groups)\n        return self.buffer.sample(n, learner_step), metrics",
-             "            [setattr(g, 'version', learner_step) for g in groups]\n            self.buffer.add(groups)\n"
-             "        return self.buffer.sample(n, learner_step), metrics",
+             "            metrics.update(self.scorer.score(groups, learner_step))\n            self.buffer.add(groups)\n        if",
+             "            metrics.update(self.scorer.score(groups, learner_step))\n"
+             "            [setattr(g, 'version', learner_step) for g in groups]\n            self.buffer.add(groups)\n        if",
              ("tests/test_offpolicy_checkpoint.py",)),
     Mutation("shared prompts: the completions' gradient does not flow back into the prompt (its KV cache detached)",
              "asymre/learner.py", "            cache.reorder_cache(sel)  # [n, ...] -> [b, ...]\n",
