@@ -16,10 +16,14 @@ import json
 import os
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.models import load_tokenizer
 from asymre.rollout.base import SamplingSpec, check_groups, encode_prompts
+
+MAX_IN_FLIGHT = 64  # concurrent requests a round keeps open to one server
 
 
 class RemoteVLLMGenerator:
@@ -55,37 +59,48 @@ class RemoteVLLMGenerator:
         return json.loads(raw) if raw else {}
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
+        """One round: every prompt's request in flight at once (up to MAX_IN_FLIGHT), so the server batches them as
+        its scheduler does for concurrent clients; the groups come back in prompt order."""
         ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.chat_template_kwargs)
-        groups = []
-        for p, pid in zip(prompts, ids):
-            body = {"model": self.model_name, "prompt": pid, "n": spec.n, "max_tokens": spec.max_new_tokens,
-                    "temperature": spec.temperature, "top_p": spec.top_p if spec.temperature > 0 else 1.0,
-                    "return_token_ids": True, "skip_special_tokens": True}
-            if spec.seed is not None:
-                body["seed"] = spec.seed
-            if spec.logprobs:
-                body["logprobs"] = 0
-            body.update(spec.extra)  # vLLM's server takes its extra sampling parameters in the same body
-            res = self._post_get("/v1/completions", body)
-            if not isinstance(res.get("choices"), list) or not all(isinstance(c, dict) and "text" in c for c in res["choices"]):
-                raise RuntimeError(f"vLLM server {self.url}: /v1/completions answered without a list of choices with text")
-            trajs = []
-            for c in res["choices"]:
-                lp = c.get("logprobs", {}) or {}
-                trajs.append(Trajectory(completion_ids=list(c.get("token_ids") or []), text=c["text"],
-                                        finish_reason="stop" if c.get("finish_reason") == "stop" else "length",
-                                        logprobs=lp.get("token_logprobs") if spec.logprobs else None))
-            groups.append(TrajectoryGroup(prompt=p, prompt_ids=pid, trajectories=trajs, version=self.version))
+        if not ids:
+            return []
+        with ThreadPoolExecutor(max_workers=min(MAX_IN_FLIGHT, len(ids))) as pool:
+            groups = list(pool.map(lambda args: self._one(*args, spec), zip(prompts, ids)))
         problem = check_groups(groups, prompts, spec, self.vocab_size)
         if problem:
             raise RuntimeError(f"vLLM server {self.url} returned malformed completions: {problem}")
         return groups
 
+    def _one(self, p: Prompt, pid: list[int], spec: SamplingSpec) -> TrajectoryGroup:
+        body = {"model": self.model_name, "prompt": pid, "n": spec.n, "max_tokens": spec.max_new_tokens,
+                "temperature": spec.temperature, "top_p": spec.top_p if spec.temperature > 0 else 1.0,
+                "return_token_ids": True, "skip_special_tokens": True}
+        if spec.seed is not None:
+            body["seed"] = spec.seed
+        if spec.logprobs:
+            body["logprobs"] = 0
+        body.update(spec.extra)  # vLLM's server takes its extra sampling parameters in the same body
+        res = self._post_get("/v1/completions", body)
+        if not isinstance(res.get("choices"), list) or not all(isinstance(c, dict) and "text" in c for c in res["choices"]):
+            raise RuntimeError(f"vLLM server {self.url}: /v1/completions answered without a list of choices with text")
+        trajs = []
+        for c in res["choices"]:
+            lp = c.get("logprobs", {}) or {}
+            trajs.append(Trajectory(completion_ids=list(c.get("token_ids") or []), text=c["text"],
+                                    finish_reason="stop" if c.get("finish_reason") == "stop" else "length",
+                                    logprobs=lp.get("token_logprobs") if spec.logprobs else None))
+        return TrajectoryGroup(prompt=p, prompt_ids=pid, trajectories=trajs, version=self.version)
+
     def load_weights(self, weights, version: int) -> None:
         if not isinstance(weights, str):
             raise ValueError("a remote vLLM server loads weights from a folder: use sync.method=disk")
-        self._post_get("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights}})
-        self._post_get("/reset_prefix_cache", {})
+        # absolute: the server resolves a relative path against its own working directory (or takes it for a hub id)
+        path = str(Path(weights).resolve())
+        self._post_get("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}})
+        answer = self._post_get("/reset_prefix_cache", {})
+        if answer.get("success") is False:  # vLLM answers 200 with success: false when the cache could not be reset
+            raise RuntimeError(f"vLLM server {self.url}/reset_prefix_cache: not reset ({answer}); its cached prefixes would "
+                               f"still hold the old weights' keys and values")
         self.version = version
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 like vLLM's OpenAI-compatible and dev endpoints (a unit test of the client; no engine runs here)."""
 
 import json
+import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -15,6 +17,9 @@ from asymre.tasks import build_task
 
 class _Handler(BaseHTTPRequestHandler):
     calls: list = []
+    in_flight, most_in_flight = 0, 0  # /v1/completions requests being answered at once
+    delay = 0.0  # seconds each completion takes
+    reset_answer: dict = {}  # what /reset_prefix_cache answers
     auth: list = []  # the Authorization header of every request
     token_ids = [33, 2]  # what /v1/completions answers (a test may make it malformed)
 
@@ -38,7 +43,14 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
         self.auth.append(self.headers.get("Authorization"))
         self.calls.append(("POST", self.path, body))
+        if self.path == "/reset_prefix_cache":
+            self._reply(self.reset_answer)
+            return
         if self.path == "/v1/completions":
+            type(self).in_flight += 1
+            type(self).most_in_flight = max(self.most_in_flight, self.in_flight)
+            time.sleep(self.delay)
+            type(self).in_flight -= 1
             n = body["n"]
             self._reply({"choices": [{"text": "5", "token_ids": list(self.token_ids), "finish_reason": "stop",
                                       "logprobs": {"token_logprobs": [-0.1, -0.2]}} for _ in range(n)]})
@@ -48,7 +60,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    _Handler.calls, _Handler.auth = [], []
+    _Handler.calls, _Handler.auth, _Handler.in_flight, _Handler.most_in_flight, _Handler.delay, _Handler.reset_answer = [], [], 0, 0, 0.0, {}
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
@@ -65,7 +77,8 @@ def test_remote_generate_and_weight_push(server, model_path, tmp_path):
     t = groups[0].trajectories[0]
     assert t.completion_ids == [33, 2] and t.finish_reason == "stop" and t.logprobs == [-0.1, -0.2] and groups[0].version == 0
     reqs = [c[2] for c in _Handler.calls if c[1] == "/v1/completions"]
-    assert [r["prompt"] for r in reqs] == [g.prompt_ids for g in groups] and groups[0].prompt_ids != groups[1].prompt_ids
+    # concurrent requests arrive in any order; each group still answers its own prompt
+    assert sorted(r["prompt"] for r in reqs) == sorted(g.prompt_ids for g in groups) and groups[0].prompt_ids != groups[1].prompt_ids
     req = reqs[0]
     assert req["n"] == 3 and req["seed"] == 4 and req["max_tokens"] == 8 and req["logprobs"] == 0
 
@@ -81,3 +94,28 @@ def test_remote_generate_and_weight_push(server, model_path, tmp_path):
 def test_unreachable_server_is_named(model_path):
     with pytest.raises(RuntimeError, match="127.0.0.1:9"):
         RemoteVLLMGenerator("http://127.0.0.1:9", model_path, timeout_s=2)
+
+
+def test_a_round_is_sent_at_once_so_the_server_can_batch_it(server, model_path):
+    """One request per prompt, one after another, would leave the server one sequence group at a time."""
+    _Handler.delay = 0.3
+    gen = RemoteVLLMGenerator(server, model_path)
+    train, _ = build_task(load_config().task)
+    groups = gen.generate(train[:6], SamplingSpec(n=2, temperature=1.0, max_new_tokens=4, seed=0))
+    assert [g.prompt.uid for g in groups] == [p.uid for p in train[:6]]  # in prompt order
+    assert _Handler.most_in_flight == 6
+
+
+def test_weight_folder_goes_absolute_and_a_failed_cache_reset_is_an_error(server, model_path, tmp_path, monkeypatch):
+    """The server resolves a relative folder against its own working directory (or takes it for a hub id); a
+    prefix cache it could not reset would still serve the old weights' keys and values."""
+    gen = RemoteVLLMGenerator(server, model_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "sync").mkdir(parents=True)
+    gen.load_weights(os.path.join("run", "sync"), version=1)
+    rpc = [c for c in _Handler.calls if c[1] == "/collective_rpc"][-1][2]
+    assert rpc["kwargs"]["weights_path"] == str(tmp_path / "run" / "sync")
+    _Handler.reset_answer = {"success": False}
+    with pytest.raises(RuntimeError, match=rf"vLLM server {server}/reset_prefix_cache: not reset"):
+        gen.load_weights(str(tmp_path), version=2)
+    assert gen.version == 1
