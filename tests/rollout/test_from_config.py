@@ -92,3 +92,14 @@ def test_sleep_mode_is_refused_where_it_cannot_work(overrides, said):
 
     with pytest.raises(ConfigError, match=said):
         check_rollout_config(load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", overrides))
+
+
+def test_a_vllm_outside_the_checked_versions_is_refused_at_start_up(monkeypatch):
+    """vllm>=0.10 admitted versions without the APIs the engine calls; the installed one is checked by its metadata."""
+    import asymre.rollout.vllm_engine as vllm_engine
+
+    assert vllm_engine.check_vllm_version(vllm_engine.installed_vllm_version()) is None  # what `make install` put here
+    monkeypatch.setattr(vllm_engine, "installed_vllm_version", lambda: "0.10.2")
+    with pytest.raises(ConfigError, match=r"rollout.backend=vllm: vLLM 0.10.2 is installed, but asymre's vLLM engine was checked "
+                                          r"against vLLM 0.32.x"):
+        check_rollout_config(load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", ["rollout.backend=vllm"]))
