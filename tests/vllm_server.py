@@ -59,10 +59,10 @@ def vllm_server(model_path: str, cwd: Path, timeout_s: float = 300.0):
 
 
 def greedy_completion(url: str, prompt_ids: list[int], max_tokens: int = 12) -> list[int]:
-    """The server's greedy completion of a token-id prompt (/v1/completions, temperature 0)."""
+    """The server's greedy completion of a token-id prompt (/v1/completions, temperature 0), always max_tokens long."""
     with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
         model = json.load(r)["data"][0]["id"]
-    body = json.dumps({"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
+    body = json.dumps({"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
                        "return_token_ids": True}).encode()
     req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
