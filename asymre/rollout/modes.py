@@ -145,9 +145,11 @@ class ColocatedRollout(Rollout):
         self.last_pushed: Weights = self._copy(weights())
 
     def _copy(self, state: Weights) -> Weights:
+        """The engine's weights while it lags the learner, in host memory (on a GPU a device copy would cost a second
+        model's worth of the learner's memory; pushes and checkpoints read it from the host)."""
         if self.cfg.sync.interval == 1:
             return {}
-        return {k: v.detach().clone() for k, v in state.items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def next_groups(self, learner_step):
         """Generate rounds with the (possibly stale) engine until enough fresh groups are buffered."""
