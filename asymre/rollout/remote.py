@@ -54,6 +54,9 @@ class RemoteVLLMGenerator:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 raw = r.read()
+        except urllib.error.HTTPError as e:  # an error status: vLLM's JSON body says why
+            detail = e.read()[:500].decode(errors="replace").strip()
+            raise RuntimeError(f"vLLM server {self.url}{path}: {e}{': ' + detail if detail else ''}") from e
         except urllib.error.URLError as e:
             raise RuntimeError(f"vLLM server {self.url}{path}: {e}") from e
         return json.loads(raw) if raw else {}

@@ -20,15 +20,16 @@ class _Handler(BaseHTTPRequestHandler):
     in_flight, most_in_flight = 0, 0  # /v1/completions requests being answered at once
     delay = 0.0  # seconds each completion takes
     reset_answer: dict = {}  # what /reset_prefix_cache answers
+    reset_status = 200  # and with which HTTP status
     auth: list = []  # the Authorization header of every request
     token_ids = [33, 2]  # what /v1/completions answers (a test may make it malformed)
 
     def log_message(self, *a):
         pass
 
-    def _reply(self, obj):
+    def _reply(self, obj, status: int = 200):
         body = json.dumps(obj).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -44,7 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.auth.append(self.headers.get("Authorization"))
         self.calls.append(("POST", self.path, body))
         if self.path == "/reset_prefix_cache":
-            self._reply(self.reset_answer)
+            self._reply(self.reset_answer, self.reset_status)
             return
         if self.path == "/v1/completions":
             type(self).in_flight += 1
@@ -61,6 +62,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     _Handler.calls, _Handler.auth, _Handler.in_flight, _Handler.most_in_flight, _Handler.delay, _Handler.reset_answer = [], [], 0, 0, 0.0, {}
+    _Handler.reset_status = 200
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
@@ -118,4 +120,7 @@ def test_weight_folder_goes_absolute_and_a_failed_cache_reset_is_an_error(server
     _Handler.reset_answer = {"success": False}
     with pytest.raises(RuntimeError, match=rf"vLLM server {server}/reset_prefix_cache: not reset"):
         gen.load_weights(str(tmp_path), version=2)
+    _Handler.reset_answer, _Handler.reset_status = {"error": "cache busy"}, 500
+    with pytest.raises(RuntimeError, match=rf"vLLM server {server}/reset_prefix_cache: HTTP Error 500.*cache busy"):
+        gen.load_weights(str(tmp_path), version=3)
     assert gen.version == 1
