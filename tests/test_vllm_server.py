@@ -25,12 +25,15 @@ def server(model_path, tmp_path_factory):
 
 
 def _greedy_hf(model_dir, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy completion (float32), n tokens, past the end-of-sequence token as the server's ignore_eos
+    goes: eos_token_id=None stops nothing, where min_new_tokens would forbid that token and pick the runner-up."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n)
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
+                             max_new_tokens=n, eos_token_id=None, pad_token_id=model.generation_config.eos_token_id)
     return out[0, len(prompt):].tolist()
 
 
@@ -55,7 +58,8 @@ def test_the_async_recipe_pushes_to_a_real_server_until_it_answers_as_the_final_
         cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "work" / "runs" / "served"
-    assert [r["step"] for r in read_metrics(run) if "loss/value" in r] == [1, 2, 3]
+    rows = [r for r in read_metrics(run) if "loss/value" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r.get("sync/version") for r in rows] == [1.0, 2.0, 3.0]  # a push every step
     after = greedy_completion(server, prompt, max_tokens=n)
     assert after == _greedy_hf(run / "final_model", prompt, n)
     assert after != before, "the final model answers as the initial one: the comparison would prove nothing"
