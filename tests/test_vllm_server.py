@@ -40,11 +40,15 @@ def _greedy_hf(model_dir, prompt: list[int], n: int) -> list[int]:
 def test_the_async_recipe_pushes_to_a_real_server_until_it_answers_as_the_final_model(server, model_path, tmp_path):
     """From a working directory of its own with a relative run folder (the weight folder must reach the server as an
     absolute path: the server's cwd is elsewhere), three steps push three times; the server's greedy completion is
-    then the final model's, and no longer the initial model's."""
+    then the final model's, and no longer the initial model's. The prompt is longer than one KV-cache block (128
+    tokens on CPU), so the server caches its first block at the `before` query: a push without /reset_prefix_cache
+    would answer `after` from the old weights' keys and values."""
     tok = load_tokenizer(model_path)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 5?"}], add_generation_prompt=True, tokenize=True,
-                                     return_dict=True)["input_ids"]
+    sums = ", ".join(f"{i} + {i + 1} = {2 * i + 1}" for i in range(1, 12))
+    prompt = tok.apply_chat_template([{"role": "user", "content": f"Some sums: {sums}. What is 3 + 5?"}], add_generation_prompt=True,
+                                     tokenize=True, return_dict=True)["input_ids"]
     n = 8
+    assert 128 < len(prompt) <= 256 - n  # one full cache block, and within the server's --max-model-len
     before = greedy_completion(server, prompt, max_tokens=n)
     assert before == _greedy_hf(model_path, prompt, n)  # the server serves the embedded model, token for token
     (tmp_path / "work").mkdir()
