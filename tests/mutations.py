@@ -80,6 +80,18 @@ MUTATIONS = [
              ("tests/test_sizing.py::test_each_sharding_splits_its_parts_over_the_ranks",)),
     Mutation("the start-up memory warning never fires", "asymre/sizing.py", "if est.total > device_memory:",
              "if est.total > 10 * device_memory:", ("tests/test_sizing.py::test_warning_when_the_estimate_exceeds_the_gpu",)),
+    Mutation("a remote server is sent the weight folder as given (a relative one resolves against the server's cwd)",
+             "asymre/rollout/remote.py", "path = str(Path(weights).resolve())", "path = weights",
+             ("tests/rollout/test_remote.py::test_weight_folder_goes_absolute_and_a_failed_cache_reset_is_an_error",)),
+    Mutation("a remote server gets a round's requests one after another (it never batches them)", "asymre/rollout/remote.py",
+             "max_workers=min(MAX_IN_FLIGHT, len(ids))", "max_workers=1",
+             ("tests/rollout/test_remote.py::test_a_round_is_sent_at_once_so_the_server_can_batch_it",)),
+    Mutation("a remote server's failed /reset_prefix_cache (success: false) is ignored", "asymre/rollout/remote.py",
+             'if answer.get("success") is False:', "if False:",
+             ("tests/rollout/test_remote.py::test_weight_folder_goes_absolute_and_a_failed_cache_reset_is_an_error",)),
+    Mutation("any installed vLLM version passes the start-up check", "asymre/rollout/vllm_engine.py", "if installed is None or",
+             "if True or", ("tests/rollout/test_from_config.py::test_a_vllm_outside_the_checked_versions_is_refused_at_start_up",
+                            "tests/rollout/test_remote.py::test_a_server_running_an_unchecked_vllm_is_refused_naming_it")),
 ]
 
 

@@ -25,23 +25,30 @@ def server(model_path, tmp_path_factory):
 
 
 def _greedy_hf(model_dir, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy completion (float32), n tokens, past the end-of-sequence token as the server's ignore_eos
+    goes: eos_token_id=None stops nothing, where min_new_tokens would forbid that token and pick the runner-up."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n)
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
+                             max_new_tokens=n, eos_token_id=None, pad_token_id=model.generation_config.eos_token_id)
     return out[0, len(prompt):].tolist()
 
 
 def test_the_async_recipe_pushes_to_a_real_server_until_it_answers_as_the_final_model(server, model_path, tmp_path):
     """From a working directory of its own with a relative run folder (the weight folder must reach the server as an
     absolute path: the server's cwd is elsewhere), three steps push three times; the server's greedy completion is
-    then the final model's, and no longer the initial model's."""
+    then the final model's, and no longer the initial model's. The prompt is longer than one KV-cache block (128
+    tokens on CPU), so the server caches its first block at the `before` query: a push without /reset_prefix_cache
+    would answer `after` from the old weights' keys and values."""
     tok = load_tokenizer(model_path)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 5?"}], add_generation_prompt=True, tokenize=True,
-                                     return_dict=True)["input_ids"]
+    sums = ", ".join(f"{i} + {i + 1} = {2 * i + 1}" for i in range(1, 12))
+    prompt = tok.apply_chat_template([{"role": "user", "content": f"Some sums: {sums}. What is 3 + 5?"}], add_generation_prompt=True,
+                                     tokenize=True, return_dict=True)["input_ids"]
     n = 8
+    assert 128 < len(prompt) <= 256 - n  # one full cache block, and within the server's --max-model-len
     before = greedy_completion(server, prompt, max_tokens=n)
     assert before == _greedy_hf(model_path, prompt, n)  # the server serves the embedded model, token for token
     (tmp_path / "work").mkdir()
@@ -55,7 +62,8 @@ def test_the_async_recipe_pushes_to_a_real_server_until_it_answers_as_the_final_
         cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "work" / "runs" / "served"
-    assert [r["step"] for r in read_metrics(run) if "loss/value" in r] == [1, 2, 3]
+    rows = [r for r in read_metrics(run) if "loss/value" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r.get("sync/version") for r in rows] == [1.0, 2.0, 3.0]  # a push every step
     after = greedy_completion(server, prompt, max_tokens=n)
     assert after == _greedy_hf(run / "final_model", prompt, n)
     assert after != before, "the final model answers as the initial one: the comparison would prove nothing"

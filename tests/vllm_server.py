@@ -23,13 +23,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def vllm_server(model_path: str, cwd: Path, timeout_s: float = 300.0):
-    """Yields the server's URL once /health answers; the server is killed on exit (also after a failure)."""
+def vllm_server(model_path: str, cwd: Path, timeout_s: float = 300.0, env: dict | None = None):
+    """Yields the server's URL once /health answers; the server is killed on exit (also after a failure). `env` adds
+    to the server's environment (bench/bench_remote.py compares CPU-binding settings)."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--dtype", "float32",
            "--max-model-len", "256", "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(1 << 30),
            "--seed", "0"]
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_LOGGING_LEVEL="WARNING", OMP_NUM_THREADS="2")
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "2", **(env or {})}
     log = open(cwd / "server.log", "w")  # closed below, after the process
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

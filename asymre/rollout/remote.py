@@ -47,6 +47,21 @@ class RemoteVLLMGenerator:
         self.timeout_s = timeout_s
         self.version = 0
         self.model_name = self._post_get("/v1/models")["data"][0]["id"]
+        self._check_server_version()
+
+    def _check_server_version(self) -> None:
+        """The server's vLLM (its /version) must be one the weight-push endpoints were checked against: the dev
+        endpoints' arguments change between versions. A server without /version is let through."""
+        from asymre.rollout.vllm_engine import SUPPORTED_VLLM, check_vllm_version
+
+        try:
+            served = self._post_get("/version").get("version")
+        except RuntimeError:
+            return
+        if isinstance(served, str) and check_vllm_version(served):
+            raise RuntimeError(f"vLLM server {self.url} runs vLLM {served}, but asymre's weight pushes (/collective_rpc "
+                               f"reload_weights) were checked against vLLM {', '.join(v + '.x' for v in SUPPORTED_VLLM)}: "
+                               f"serve with vllm=={SUPPORTED_VLLM[-1]}.*")
 
     def _post_get(self, path: str, body: dict | None = None) -> dict:
         req = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
@@ -54,6 +69,9 @@ class RemoteVLLMGenerator:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 raw = r.read()
+        except urllib.error.HTTPError as e:  # an error status: vLLM's JSON body says why
+            detail = e.read()[:500].decode(errors="replace").strip()
+            raise RuntimeError(f"vLLM server {self.url}{path}: {e}{': ' + detail if detail else ''}") from e
         except urllib.error.URLError as e:
             raise RuntimeError(f"vLLM server {self.url}{path}: {e}") from e
         return json.loads(raw) if raw else {}

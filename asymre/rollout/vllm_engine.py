@@ -65,6 +65,9 @@ class VLLMGenerator:
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0, max_prompt_tokens: int = 1024,
                  chat_template_kwargs: dict | None = None, sleep_level: int = 0):
+        problem = check_vllm_version(installed_vllm_version())  # also for callers that skip check_rollout_config
+        if problem:
+            raise RuntimeError(problem)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM drops torch to one thread "for serving" unless OMP_NUM_THREADS is set; the colocated
         # learner shares this process and needs every core.

@@ -94,8 +94,9 @@ def test_sleep_mode_is_refused_where_it_cannot_work(overrides, said):
         check_rollout_config(load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", overrides))
 
 
-def test_a_vllm_outside_the_checked_versions_is_refused_at_start_up(monkeypatch):
-    """vllm>=0.10 admitted versions without the APIs the engine calls; the installed one is checked by its metadata."""
+def test_a_vllm_outside_the_checked_versions_is_refused_at_start_up(monkeypatch, model_path):
+    """vllm>=0.10 admitted versions without the APIs the engine calls; the installed one is checked by its metadata,
+    at start-up and again where the engine is built (a caller of make_generator may skip the config check)."""
     import asymre.rollout.vllm_engine as vllm_engine
 
     assert vllm_engine.check_vllm_version(vllm_engine.installed_vllm_version()) is None  # what `make install` put here
@@ -103,3 +104,5 @@ def test_a_vllm_outside_the_checked_versions_is_refused_at_start_up(monkeypatch)
     with pytest.raises(ConfigError, match=r"rollout.backend=vllm: vLLM 0.10.2 is installed, but asymre's vLLM engine was checked "
                                           r"against vLLM 0.32.x"):
         check_rollout_config(load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", ["rollout.backend=vllm"]))
+    with pytest.raises(RuntimeError, match=r"vLLM 0.10.2 is installed, .* install vllm==0.32.\*"):
+        vllm_engine.VLLMGenerator(model_path)  # refused before vLLM is imported or the model loads

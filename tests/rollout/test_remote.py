@@ -20,15 +20,17 @@ class _Handler(BaseHTTPRequestHandler):
     in_flight, most_in_flight = 0, 0  # /v1/completions requests being answered at once
     delay = 0.0  # seconds each completion takes
     reset_answer: dict = {}  # what /reset_prefix_cache answers
+    reset_status = 200  # and with which HTTP status
+    served_version = "0.32.0"  # what /version answers
     auth: list = []  # the Authorization header of every request
     token_ids = [33, 2]  # what /v1/completions answers (a test may make it malformed)
 
     def log_message(self, *a):
         pass
 
-    def _reply(self, obj):
+    def _reply(self, obj, status: int = 200):
         body = json.dumps(obj).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -37,6 +39,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.auth.append(self.headers.get("Authorization"))
         self.calls.append(("GET", self.path, None))
+        if self.path == "/version":
+            self._reply({"version": self.served_version})
+            return
         self._reply({"data": [{"id": "served-model"}]})
 
     def do_POST(self):
@@ -44,7 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.auth.append(self.headers.get("Authorization"))
         self.calls.append(("POST", self.path, body))
         if self.path == "/reset_prefix_cache":
-            self._reply(self.reset_answer)
+            self._reply(self.reset_answer, self.reset_status)
             return
         if self.path == "/v1/completions":
             type(self).in_flight += 1
@@ -61,6 +66,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     _Handler.calls, _Handler.auth, _Handler.in_flight, _Handler.most_in_flight, _Handler.delay, _Handler.reset_answer = [], [], 0, 0, 0.0, {}
+    _Handler.reset_status, _Handler.served_version = 200, "0.32.0"
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
@@ -118,4 +124,16 @@ def test_weight_folder_goes_absolute_and_a_failed_cache_reset_is_an_error(server
     _Handler.reset_answer = {"success": False}
     with pytest.raises(RuntimeError, match=rf"vLLM server {server}/reset_prefix_cache: not reset"):
         gen.load_weights(str(tmp_path), version=2)
+    _Handler.reset_answer, _Handler.reset_status = {"error": "cache busy"}, 500
+    with pytest.raises(RuntimeError, match=rf"vLLM server {server}/reset_prefix_cache: HTTP Error 500.*cache busy"):
+        gen.load_weights(str(tmp_path), version=3)
     assert gen.version == 1
+
+
+def test_a_server_running_an_unchecked_vllm_is_refused_naming_it(server, model_path):
+    """The weight pushes call vLLM's dev endpoints (/collective_rpc reload_weights), whose arguments change between
+    versions: a server on another vLLM would fail at the first push, or load nothing."""
+    _Handler.served_version = "0.10.2"
+    with pytest.raises(RuntimeError, match=rf"vLLM server {server} runs vLLM 0.10.2, but asymre's weight pushes .* were "
+                                           r"checked against vLLM 0.32.x: serve with vllm==0.32.\*"):
+        RemoteVLLMGenerator(server, model_path)
