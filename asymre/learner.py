@@ -431,7 +431,11 @@ class Learner:
         """Hugging Face-named full weights (gathered under FSDP/DeepSpeed; under LoRA merged into the base model's
         names). Collective: call on every rank. Under ZeRO-3 every rank gets them (each colocated rank's engine needs
         them); under FSDP only the main process."""
-        state = self._trained_state()
+        return self._as_base_model(self._trained_state())
+
+    def _as_base_model(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trained state under the base model's names: LoRA's adapters merged in (an empty state, FSDP's on other
+        ranks than the main one, stays empty)."""
         return merge_lora(state, scaling(self.lora)) if self.lora is not None and state else state
 
     def _trained_state(self) -> dict[str, torch.Tensor]:
@@ -448,24 +452,21 @@ class Learner:
         return sum(getattr(p, "ds_numel", p.numel()) * (dtype.itemsize if dtype else p.element_size())
                    for p in self.unwrapped().parameters())
 
-    def _save_adapter(self, folder: str) -> None:
-        """peft's adapter folder (adapter_config.json, adapter_model.safetensors) and the tokenizer. Collective."""
-        state = self._trained_state()
-        if self.accelerator.is_main_process:
-            self.unwrapped().save_pretrained(folder, state_dict=state, safe_serialization=True)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(folder)
-        self.accelerator.wait_for_everyone()
-
     def save_model(self, folder: str) -> None:
-        """A Hugging Face folder in the model's own dtype (a bf16 model trained in fp32 is saved in bf16)."""
+        """A Hugging Face folder in the model's own dtype (a bf16 model trained in fp32 is saved in bf16). Under LoRA:
+        peft's adapter folder, and the merged model in `merged/` when model.lora.save_merged asks. Collective."""
         acc = self.accelerator
+        state = self._trained_state()  # gathered once: the adapter and the merged model both come from it
         if self.lora is not None:
-            self._save_adapter(folder)
+            if acc.is_main_process:
+                self.unwrapped().save_pretrained(folder, state_dict=state, safe_serialization=True)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(folder)
             if not self.lora.save_merged:
+                acc.wait_for_everyone()
                 return
             folder = str(Path(folder) / "merged")
-        state = self.full_state_dict()
+            state = self._as_base_model(state)
         if acc.is_main_process:
             model, dtype = self.unwrapped(), self.save_dtype
             if self.lora is not None:
