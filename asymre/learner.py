@@ -436,7 +436,7 @@ class Learner:
     def _as_base_model(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The trained state under the base model's names: LoRA's adapters merged in (an empty state, FSDP's on other
         ranks than the main one, stays empty)."""
-        return merge_lora(state, scaling(self.lora)) if self.lora is not None and state else state
+        return merge_lora(state, scaling(self.lora.alpha, self.lora.rank)) if self.lora is not None and state else state
 
     def _trained_state(self) -> dict[str, torch.Tensor]:
         """The prepared model's own state, gathered (a peft model's names under LoRA). Collective."""

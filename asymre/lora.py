@@ -37,8 +37,9 @@ def apply_lora(model, lora) -> torch.nn.Module:
     return peft_model
 
 
-def scaling(lora) -> float:
-    return lora.alpha / lora.rank
+def scaling(alpha: float, rank: int) -> float:
+    """The factor of the adapter's update B A (peft's default, not rsLoRA's)."""
+    return alpha / rank
 
 
 def is_peft_state(state: dict[str, torch.Tensor]) -> bool:

@@ -21,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from asymre.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint, save_checkpoint, saves_final_checkpoint, warn_if_disk_short
@@ -265,7 +265,7 @@ def _has_gpu() -> bool:
 
 
 def _wants_deepspeed() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1")
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")  # as accelerate 1.15 reads the variables `accelerate launch` sets
 
 
 def _refuse_a_dropped_backend() -> None:
@@ -274,7 +274,7 @@ def _refuse_a_dropped_backend() -> None:
     if _has_gpu():
         return
     var = "ACCELERATE_USE_FSDP"
-    if os.environ.get(var, "false").lower() in ("true", "1"):
+    if parse_flag_from_env(var):
         raise ConfigError(f"the accelerate config asks for FSDP ({var}=true), which this run without a GPU would "
                           f"silently drop; launch with recipes/accelerate/cpu.yaml or cpu_ddp2.yaml (or DeepSpeed)")
 
