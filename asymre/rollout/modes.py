@@ -36,6 +36,11 @@ from asymre.tasks import PromptStream
 Weights = dict  # HF-named full weights, {name: tensor}
 
 
+def host_copy(state: Weights) -> Weights:
+    """Weights kept to be given back to engines later: in host memory, never a second copy on the learner's device."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
 @contextmanager
 def whole_models(accelerator) -> Iterator[None]:
     """Engines hold whole weights. Under ZeRO-3, transformers' from_pretrained builds a model partitioned over the
@@ -147,9 +152,7 @@ class ColocatedRollout(Rollout):
     def _copy(self, state: Weights) -> Weights:
         """The engine's weights while it lags the learner, in host memory (on a GPU a device copy would cost a second
         model's worth of the learner's memory; pushes and checkpoints read it from the host)."""
-        if self.cfg.sync.interval == 1:
-            return {}
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        return host_copy(state) if self.cfg.sync.interval > 1 else {}
 
     def next_groups(self, learner_step):
         """Generate rounds with the (possibly stale) engine until enough fresh groups are buffered."""
@@ -260,7 +263,7 @@ class AsyncRollout(Rollout):
 
     def _copy(self, state: Weights) -> Weights:
         """A host copy of the weights just pushed, on the main process, when evaluations may need them back."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if self.lends and self.main else {}
+        return host_copy(state) if self.lends and self.main else {}
 
     def push(self, version):
         state = self.weights()  # collective under FSDP/DeepSpeed
