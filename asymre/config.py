@@ -13,6 +13,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import yaml
 from omegaconf import OmegaConf
@@ -158,10 +159,12 @@ class LearnerConfig:
 class SyncConfig:
     interval: int = _f(250, "Push learner weights to the engines every N learner steps (the paper's N = 250).", "[1, inf)")
     method: str = _f("auto", "'auto' (inprocess when colocated, else disk), 'inprocess' (colocated engine), 'broadcast' "
-                             "(worker processes, over NCCL on GPUs / gloo on CPU) or 'disk' (safetensors folder).")
+                             "(worker processes or remote servers, streamed over NCCL on GPUs / gloo on CPU; a server needs "
+                             "asymre's worker extension) or 'disk' (safetensors folder).")
     timeout_s: float = _f(300.0, "A push or wait longer than this fails with an error.", "(0, inf)")
-    channel_host: str = _f("127.0.0.1", "Address the 'broadcast' weight channel listens on (loopback: workers run on this machine); "
-                                        "a peer must prove the channel's secret before it joins.")
+    channel_host: str = _f("127.0.0.1", "Address the 'broadcast' weight channel listens on (loopback: workers run on this machine; "
+                                        "a remote server needs an address it reaches); a peer must prove the channel's secret "
+                                        "before it joins.")
 
 
 @dataclass
@@ -284,6 +287,17 @@ def check_buffer_capacity(cfg: Config, ranks: int = 1) -> None:
                           f"(learner.groups_per_step={cfg.learner.groups_per_step}{per_rank}, buffer.min_groups={cfg.buffer.min_groups})")
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def validate(cfg: Config) -> Config:
     """Checks that types alone cannot express; raises ConfigError naming the key."""
     if cfg.learner.shared_prompt in ("True", "False"):  # YAML reads a bare on/off as a boolean
@@ -302,9 +316,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} is not one of auto, vllm, hf, or a 'pkg.module:factory' path")
     if (cfg.rollout.devices or cfg.rollout.server_urls) and cfg.rollout.mode != "async":
         raise ConfigError("rollout.devices / rollout.server_urls need rollout.mode=async (separate generation workers)")
-    if cfg.sync.method == "broadcast" and (cfg.rollout.mode != "async" or cfg.rollout.server_urls):
-        raise ConfigError("sync.method=broadcast streams weights to generation worker processes: it needs rollout.mode=async "
-                          "and no rollout.server_urls (remote servers load a folder: sync.method=disk)")
+    if cfg.sync.method == "broadcast" and cfg.rollout.mode != "async":
+        raise ConfigError("sync.method=broadcast streams weights to generation worker processes or remote servers: it needs "
+                          "rollout.mode=async")
+    if cfg.sync.method == "broadcast" and _is_loopback(cfg.sync.channel_host):
+        far = [u for u in cfg.rollout.server_urls if not _is_loopback(urlsplit(u).hostname or "")]
+        if far:
+            raise ConfigError(f"sync.method=broadcast: server {far[0]} joins the learner's weight channel, but "
+                              f"sync.channel_host={cfg.sync.channel_host} listens on loopback only: set it to this machine's "
+                              "address on a network that server reaches")
     if cfg.sync.method == "inprocess" and cfg.rollout.mode == "async":
         raise ConfigError("sync.method=inprocess reaches only a colocated engine; with rollout.mode=async use 'broadcast' or 'disk'")
     if cfg.rollout.sleep_level == 2 and cfg.sync.interval != 1:

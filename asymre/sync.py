@@ -81,6 +81,15 @@ def _listening_socket(host: str) -> tuple[int, int]:
     return sock.detach(), port  # the store owns the descriptor from here on
 
 
+def _address_toward(host: str) -> str:
+    """This machine's address on the route to `host` (a UDP connect sends nothing; it only picks the interface): a
+    peer on another machine cannot bind the learner's address, and binding every interface is what we avoid."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))
+        return s.getsockname()[0]
+
+
 class WeightChannel:
     """A two-member process group, learner (rank 0) -> one worker process (rank 1), for weight pushes.
 
@@ -137,7 +146,8 @@ class WeightChannel:
         self._authenticate()
         if self.backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]  # pair sockets on `host` only
+            # pair sockets on one interface only: the learner's on `host`, the peer's on its own address toward it
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host if self.rank == 0 else _address_toward(self.host))]
             opts._timeout = timeout
             self.group = dist.ProcessGroupGloo(self.store, self.rank, 2, opts)
         elif self.backend == "nccl":

@@ -79,3 +79,16 @@ def test_shipped_configs_load(path):
 @pytest.mark.parametrize("value, want", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on"), ("false", "off")])
 def test_shared_prompt_on_off_survive_yaml_booleans(value, want):
     assert load_config(None, [f"learner.shared_prompt={value}"]).learner.shared_prompt == want
+
+
+def test_a_far_server_cannot_join_a_weight_channel_listening_on_loopback():
+    """sync.method=broadcast to a server on another machine: the server's worker connects to sync.channel_host, which
+    loopback would never let it reach; a loopback server, or a channel host on the network, is fine."""
+    far = ["rollout.mode=async", "sync.method=broadcast", "rollout.server_urls=[http://10.0.0.5:8000]"]
+    with pytest.raises(ConfigError, match=r"server http://10\.0\.0\.5:8000 .* sync\.channel_host=127\.0\.0\.1"):
+        load_config(None, far)
+    assert load_config(None, [*far, "sync.channel_host=10.0.0.1"]).sync.channel_host == "10.0.0.1"
+    for near in ("http://localhost:8000", "https://127.0.0.1:8000"):
+        assert load_config(None, [*far[:2], f"rollout.server_urls=[{near}]"]).rollout.server_urls == [near]
+    with pytest.raises(ConfigError, match="sync.method=broadcast .* rollout.mode=async"):
+        load_config(None, ["sync.method=broadcast", "rollout.mode=colocated"])

@@ -69,7 +69,9 @@ def test_the_async_recipe_pushes_to_a_real_server_until_it_answers_as_the_final_
     assert after != before, "the final model answers as the initial one: the comparison would prove nothing"
 
 
-def test_two_machines_train_against_a_vllm_server_and_push_to_it(server, tmp_path, model_path):
+def test_two_machines_train_against_a_vllm_server_and_stream_weights_to_it(server, tmp_path, model_path):
+    """The learner as two machines; the weights reach the server over a weight channel (sync.method=broadcast, gloo
+    here), never through storage: no weight folder is written, and the server ends up answering as the final model."""
     run = tmp_path / "run"
     prompt = load_tokenizer(model_path)("What is 3 + 5?").input_ids
     before = greedy_completion(server, prompt)
@@ -80,10 +82,9 @@ def test_two_machines_train_against_a_vllm_server_and_push_to_it(server, tmp_pat
         [accelerate, "launch", "--config_file", "recipes/accelerate/cpu_ddp2.yaml", "--num_machines", "2", "--num_processes", "2",
          "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
          "recipes/train.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml", "rollout.mode=async", f"rollout.server_urls=[{server}]",
-         "sync.method=disk", "sync.interval=1", "buffer.max_staleness=1", "rollout.prompts_per_step=2", "rollout.group_size=4",
+         "sync.method=broadcast", "sync.interval=1", "buffer.max_staleness=1", "rollout.prompts_per_step=2", "rollout.group_size=4",
          "rollout.max_new_tokens=8", "learner.groups_per_step=1", "learner.steps=2", "learner.lr=1e-3", "learner.warmup_steps=0",
-         "eval.at_start=false", "eval.at_end=false", "checkpoint.save_final_model=false", "logging.progress=false",
-         f"logging.run_dir={run}"],
+         "eval.at_start=false", "eval.at_end=false", "logging.progress=false", f"logging.run_dir={run}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [m.communicate(timeout=900)[0] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], "\n".join(o[-3000:] for o in outputs)
@@ -91,4 +92,7 @@ def test_two_machines_train_against_a_vllm_server_and_push_to_it(server, tmp_pat
     rows = [r for r in read_metrics(run) if "loss/value" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["learner/optimizer_steps"] == r["step"] for r in rows)
+    assert [r.get("sync/version") for r in rows] == [1.0, 2.0]
+    assert not list(run.glob("sync/**/*.safetensors")), "the weights went through a folder (sync.method=disk's way)"
+    assert after == _greedy_hf(run / "final_model", prompt, len(after))
     assert after != before, "the server still answers as the initial model: no push reached it"

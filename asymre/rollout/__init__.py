@@ -18,12 +18,13 @@ def resolve_backend(backend: str) -> str:
 def make_generator(backend: str, model_path: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 2048,
                    max_prompt_tokens: int = 1024, gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0,
                    device: str | None = None, server_url: str | None = None, chat_template_kwargs: dict | None = None,
-                   api_key_env: str | None = None, sleep_level: int = 0) -> Generator:
+                   api_key_env: str | None = None, sleep_level: int = 0, stream_weights: bool = False) -> Generator:
     """Build one generator. Picklable arguments only, so worker processes can call it too.
     `backend` may also be a dotted path 'pkg.module:factory' to a user's own backend, called with
     (model_path, dtype=..., seed=...), plus chat_template_kwargs=... when task.chat_template_kwargs is set,
     and returning an object that implements `Generator`.
-    `chat_template_kwargs` go to the tokenizer's chat template when prompts are encoded."""
+    `chat_template_kwargs` go to the tokenizer's chat template when prompts are encoded; `stream_weights` (a remote
+    server under sync.method=broadcast) checks that the server can receive streamed weights."""
     backend = resolve_backend(backend)
     if ":" in backend:
         extra = {"chat_template_kwargs": dict(chat_template_kwargs)} if chat_template_kwargs else {}
@@ -32,7 +33,7 @@ def make_generator(backend: str, model_path: str, *, dtype: str = "float32", see
         from asymre.rollout.remote import RemoteVLLMGenerator
 
         return RemoteVLLMGenerator(server_url, model_path, max_prompt_tokens=max_prompt_tokens, chat_template_kwargs=chat_template_kwargs,
-                                   api_key_env=api_key_env)
+                                   api_key_env=api_key_env, stream_weights=stream_weights)
     if backend == "vllm":
         from asymre.rollout.vllm_engine import VLLMGenerator
 
@@ -63,7 +64,8 @@ def generator_from_config(cfg, model_path: str, rank: int = 0, server_url: str |
                           max_prompt_tokens=ro.max_prompt_tokens, gpu_memory_utilization=ro.gpu_memory_utilization,
                           kv_cache_gb=ro.kv_cache_gb, server_url=server_url, chat_template_kwargs=dict(cfg.task.chat_template_kwargs),
                           api_key_env=ro.server_api_key_env if server_url else None,
-                          sleep_level=ro.sleep_level if ro.mode == "colocated" else 0)
+                          sleep_level=ro.sleep_level if ro.mode == "colocated" else 0,
+                          stream_weights=bool(server_url) and cfg.sync.method == "broadcast")
 
 
 def check_rollout_config(cfg) -> None:

@@ -1,9 +1,12 @@
 """A remote vLLM server as a generation worker (multi-node: generation on other hosts).
 
 Start each server with the dev endpoints on (`VLLM_SERVER_DEV_MODE=1 vllm serve MODEL`); generation goes
-through its OpenAI-compatible `/v1/completions` with token-id prompts, and weight pushes through
-`/collective_rpc` -> `reload_weights(weights_path=...)` then `/reset_prefix_cache`. The weight folder
-must be on storage the server can read (the 'disk' sync method). HTTP or HTTPS with the standard library;
+through its OpenAI-compatible `/v1/completions` with token-id prompts. Weight pushes, then `/reset_prefix_cache`:
+- 'disk': `/collective_rpc` -> `reload_weights(weights_path=...)`, from a folder on storage the server can read;
+- 'broadcast': streamed, no shared storage: the server runs with asymre's worker extension
+  (`--worker-extension-cls asymre.rollout.vllm_receiver.WeightReceiver`), whose worker joins the learner's
+  `WeightChannel` and loads the tensors as they arrive (`open_channel`, `receive_broadcast`).
+HTTP or HTTPS with the standard library;
 with `api_key_env`, the key (read from that environment variable in the worker's own process, so it never
 travels in arguments, logs or the run's config) goes in `Authorization: Bearer`, as `vllm serve --api-key`
 expects. Every answer is checked (`check_groups`) before it leaves this object: a malformed one is an error
@@ -27,10 +30,10 @@ MAX_IN_FLIGHT = 64  # concurrent requests a round keeps open to one server
 
 
 class RemoteVLLMGenerator:
-    sync_methods = ("disk",)  # it loads weights from a folder: asymre.sync.WeightSync picks the disk method
+    sync_methods = ("disk",)  # in this process it loads a folder; a worker process holding it also relays 'broadcast'
 
     def __init__(self, url: str, model_path: str, max_prompt_tokens: int = 1024, timeout_s: float = 600.0,
-                 chat_template_kwargs: dict | None = None, api_key_env: str | None = None):
+                 chat_template_kwargs: dict | None = None, api_key_env: str | None = None, stream_weights: bool = False):
         self.url = url.rstrip("/")
         self._headers = {"Content-Type": "application/json"}
         if api_key_env:
@@ -48,6 +51,31 @@ class RemoteVLLMGenerator:
         self.version = 0
         self.model_name = self._post_get("/v1/models")["data"][0]["id"]
         self._check_server_version()
+        if stream_weights:
+            self._check_receiver()
+
+    def _check_receiver(self) -> None:
+        """sync.method=broadcast: the server must run asymre's worker extension, with one worker (the channel has
+        one member on the server's side), speaking this protocol."""
+        from asymre.rollout.vllm_receiver import PROTOCOL, RECEIVER
+
+        try:
+            answers = self._rpc("asymre_receiver")
+        except RuntimeError as e:
+            raise RuntimeError(f"sync.method=broadcast streams weights into the server's engine, but vLLM server {self.url} "
+                               f"cannot receive them ({e}): start it with --worker-extension-cls {RECEIVER} from an "
+                               f"environment where asymre is installed, or use sync.method=disk") from e
+        if answers != [str(PROTOCOL)]:  # the endpoint answers a worker's int as its str()
+            raise RuntimeError(f"vLLM server {self.url}: its asymre receiver answered {answers}, expected [{str(PROTOCOL)!r}] "
+                               f"(one worker, tensor_parallel_size=1, and the same asymre version as the learner); "
+                               f"else use sync.method=disk")
+
+    def _rpc(self, method: str, *args, **kwargs) -> list:
+        """`method` on every worker of the server's engine (vLLM's dev endpoint /collective_rpc,
+        vllm/entrypoints/serve/dev/rpc/api_router.py in 0.32: JSON args, {"results": [one per worker]})."""
+        body = {"method": method, **({"args": list(args)} if args else {}), **({"kwargs": kwargs} if kwargs else {})}
+        answer = self._post_get("/collective_rpc", body)
+        return answer.get("results", answer) if isinstance(answer, dict) else answer
 
     def _check_server_version(self) -> None:
         """The server's vLLM (its /version) must be one the weight-push endpoints were checked against: the dev
@@ -114,7 +142,20 @@ class RemoteVLLMGenerator:
             raise ValueError("a remote vLLM server loads weights from a folder: use sync.method=disk")
         # absolute: the server resolves a relative path against its own working directory (or takes it for a hub id)
         path = str(Path(weights).resolve())
-        self._post_get("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}})
+        self._rpc("reload_weights", weights_path=path)
+        self._loaded(version)
+
+    def open_channel(self, host: str, port: int, backend: str, timeout_s: float, secret: str) -> None:
+        """'broadcast': the server's worker joins the learner's WeightChannel (it connects to `host`:`port`, so the
+        learner's sync.channel_host must be an address the server reaches)."""
+        self._rpc("asymre_open_channel", host, port, backend, timeout_s, secret)
+
+    def receive_broadcast(self, meta: list, version: int) -> None:
+        """'broadcast': the server loads the tensors the learner is sending now; returns once they are all in."""
+        self._rpc("asymre_receive", meta)
+        self._loaded(version)
+
+    def _loaded(self, version: int) -> None:
         answer = self._post_get("/reset_prefix_cache", {})
         if answer.get("success") is False:  # vLLM answers 200 with success: false when the cache could not be reset
             raise RuntimeError(f"vLLM server {self.url}/reset_prefix_cache: not reset ({answer}); its cached prefixes would "

@@ -73,13 +73,19 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
                 gen.load_weights(path, version)
                 out_q.put(("loaded", index, version))
             elif kind == "channel":
-                from asymre.sync import WeightChannel
-
                 _, host, port, backend, timeout_s, secret = msg
-                channel = WeightChannel(host, port, 1, backend, timeout_s, secret=secret).connect()
+                if hasattr(gen, "open_channel"):  # a remote server's engine joins the channel itself (no relay here)
+                    gen.open_channel(host, port, backend, timeout_s, secret)
+                else:
+                    from asymre.sync import WeightChannel
+
+                    channel = WeightChannel(host, port, 1, backend, timeout_s, secret=secret).connect()
             elif kind == "weights_broadcast":
                 _, meta, version = msg
-                gen.load_weights(channel.receive(meta), version)
+                if hasattr(gen, "receive_broadcast"):
+                    gen.receive_broadcast(meta, version)
+                else:
+                    gen.load_weights(channel.receive(meta), version)
                 out_q.put(("loaded", index, version))
             elif kind == "generate":
                 _, rid, prompts, spec, step = msg
@@ -144,8 +150,10 @@ class WorkerHandle:
 
     @property
     def own_device(self) -> bool:
-        """True when the worker was given its own GPU (rollout.devices): NCCL needs one per rank."""
-        return "CUDA_VISIBLE_DEVICES" in self.pool.per_worker[self.index][1]
+        """True when the worker was given its own GPU (rollout.devices), or is a remote server's client (the server's
+        engine joins the channel, on the server's GPU): NCCL needs one device per rank."""
+        kwargs, env = self.pool.per_worker[self.index]
+        return "CUDA_VISIBLE_DEVICES" in env or bool(kwargs.get("server_url"))
 
     def load_weights(self, path: str, version: int) -> None:
         self.send(("weights", path, version))

@@ -24,6 +24,7 @@ class _Handler(BaseHTTPRequestHandler):
     served_version = "0.32.0"  # what /version answers
     auth: list = []  # the Authorization header of every request
     token_ids = [33, 2]  # what /v1/completions answers (a test may make it malformed)
+    receiver: list | None = None  # what /collective_rpc asymre_receiver answers; None: vLLM's error for an unknown method
 
     def log_message(self, *a):
         pass
@@ -51,6 +52,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/reset_prefix_cache":
             self._reply(self.reset_answer, self.reset_status)
             return
+        if self.path == "/collective_rpc" and body["method"] == "asymre_receiver":
+            if self.receiver is None:
+                self._reply({"error": "Method asymre_receiver is not implemented"}, 500)
+            else:
+                self._reply({"results": self.receiver})
+            return
         if self.path == "/v1/completions":
             type(self).in_flight += 1
             type(self).most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -66,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     _Handler.calls, _Handler.auth, _Handler.in_flight, _Handler.most_in_flight, _Handler.delay, _Handler.reset_answer = [], [], 0, 0, 0.0, {}
-    _Handler.reset_status, _Handler.served_version = 200, "0.32.0"
+    _Handler.reset_status, _Handler.served_version, _Handler.receiver = 200, "0.32.0", None
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
@@ -137,3 +144,16 @@ def test_a_server_running_an_unchecked_vllm_is_refused_naming_it(server, model_p
     with pytest.raises(RuntimeError, match=rf"vLLM server {server} runs vLLM 0.10.2, but asymre's weight pushes .* were "
                                            r"checked against vLLM 0.32.x: serve with vllm==0.32.\*"):
         RemoteVLLMGenerator(server, model_path)
+
+
+def test_streaming_weights_to_a_server_without_the_receiver_is_refused_at_start(server, model_path):
+    """sync.method=broadcast needs asymre's worker extension in the server (one worker): without it, or with two
+    workers, the generator refuses at start-up, naming what to run; the disk method never asks."""
+    with pytest.raises(RuntimeError, match=r"--worker-extension-cls asymre\.rollout\.vllm_receiver\.WeightReceiver"):
+        RemoteVLLMGenerator(server, model_path, stream_weights=True)
+    RemoteVLLMGenerator(server, model_path)  # disk: no receiver needed
+    _Handler.receiver = ["1", "1"]
+    with pytest.raises(RuntimeError, match=r"answered \['1', '1'\], expected \['1'\] \(one worker, tensor_parallel_size=1"):
+        RemoteVLLMGenerator(server, model_path, stream_weights=True)
+    _Handler.receiver = ["1"]
+    assert RemoteVLLMGenerator(server, model_path, stream_weights=True).version == 0
