@@ -104,7 +104,9 @@ class WeightChannel:
     group the worker proves it holds the channel's secret (sent to it over its multiprocessing pipe, never
     over the network): HMAC-SHA256 of a nonce the learner puts in the store. A wrong proof closes the
     channel with `ChannelAuthError` before any weight is sent. NCCL's own bootstrap sockets follow
-    NCCL_SOCKET_IFNAME (set it to `lo` on one host)."""
+    NCCL_SOCKET_IFNAME (set it to `lo` on one host). On NCCL the group is built so that a failure raises here and
+    costs this channel only (`nccl_channel_group`); `connect` runs one tiny broadcast, so the communicator's init
+    (lazy in torch) happens, bounded, before the first push."""
 
     def __init__(self, host: str, port: int, rank: int, backend: str, timeout_s: float, store=None, secret: str = ""):
         import torch.distributed as dist
@@ -151,9 +153,8 @@ class WeightChannel:
             opts._timeout = timeout
             self.group = dist.ProcessGroupGloo(self.store, self.rank, 2, opts)
         elif self.backend == "nccl":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            self.group = dist.ProcessGroupNCCL(self.store, self.rank, 2, opts)
+            self.group = nccl_channel_group(self.store, self.rank, timeout)
+            self._broadcast(torch.zeros(1, device=self.device))  # the communicator's init, bounded here, not at the first push
         else:
             raise ValueError(f"weight channel backend {self.backend!r}: expected 'nccl' or 'gloo'")
         return self
@@ -204,6 +205,44 @@ class WeightChannel:
                 abort()
             except Exception:  # noqa: BLE001 - best effort on an already broken group
                 pass
+
+
+# What a WeightChannel's NCCL group is built under (torch 2.13, ProcessGroupNCCL.cpp: its constructor reads these per
+# instance into blockingWait_ and asyncErrorHandling_, ProcessGroupNCCL.hpp), so that a dead or stalled peer costs
+# only the channel, never the learner:
+# - TORCH_NCCL_BLOCKING_WAIT=1: the group starts no watchdog thread (nor its heartbeat monitor); an error surfaces
+#   only in our `wait(timeout)`. The watchdog is what tears the process down on a timeout: torchrun's agent (which
+#   `accelerate launch` runs) sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (TearDown) for the whole process, and any
+#   watchdog-detected error also raises the process-wide dump signal on which the default group's heartbeat monitor
+#   terminates the process after TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC.
+# - TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (CleanUpOnly): abort this group's communicators on an error, never tear down.
+# - TORCH_NCCL_DUMP_ON_TIMEOUT=0: no flight-recorder dump signal from this group.
+# The variables are restored right after, so the learners' own groups keep their settings. The communicator is
+# initialised non-blocking (Options.config.blocking = 0), so its init, which otherwise blocks in
+# ncclCommInitRankConfig with no timeout when the peer never comes, is bounded by TORCH_NCCL_NONBLOCKING_TIMEOUT
+# (read once per process; set to sync.timeout_s unless the user set it). WorkNCCL::wait(timeout) blocks the calling
+# thread, aborts the communicator and raises DistBackendError (a RuntimeError) past the timeout.
+NCCL_CHANNEL_ENV = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
+
+
+def nccl_channel_group(store, rank: int, timeout: timedelta):
+    """A two-member ProcessGroupNCCL whose failures raise in the caller and cost only this group (see NCCL_CHANNEL_ENV)."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("TORCH_NCCL_NONBLOCKING_TIMEOUT", str(max(1, int(timeout.total_seconds()))))
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    opts.config.blocking = 0
+    saved = {k: os.environ.get(k) for k in NCCL_CHANNEL_ENV}
+    os.environ.update(NCCL_CHANNEL_ENV)
+    try:
+        return dist.ProcessGroupNCCL(store, rank, 2, opts)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_with_timeout(fn, timeout_s: float, what: str):

@@ -12,7 +12,8 @@
 #   3. FSDP, DeepSpeed ZeRO-2 and ZeRO-3 (one process each) prepare + 2 steps, one optimizer step per learner step
 #      (DeepSpeed parts skipped where deepspeed is not installed);
 #   4. where vLLM is installed, the colocated vLLM recipe for 2 steps, again with rollout.sleep_level=1, and the GPU
-#      memory one sleep frees (skipped cleanly without vLLM).
+#      memory one sleep frees (skipped cleanly without vLLM);
+#   5. an NCCL weight channel to a peer that never joins raises within its timeout and the process goes on.
 # PY picks the interpreter (default: the project's .venv, else python3); each part is cut at PART_TIMEOUT seconds.
 set -u
 cd "$(dirname "$0")/.."
@@ -103,4 +104,35 @@ EOF
 else
   report "4 colocated vLLM recipe" SKIP
 fi
+
+# 5. an NCCL weight channel whose peer never comes (one GPU is enough for the learner's side): the channel's first
+#    collective must raise within about its timeout, and this process must go on using the GPU afterwards (no
+#    watchdog tear-down; the stalled-peer-mid-stream case needs a second GPU)
+if timeout $T $PY - <<'EOF'
+import os
+import time
+from datetime import timedelta
+
+os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"  # as torchrun sets it for the learner
+import torch
+import torch.distributed as dist
+
+from asymre.sync import _listening_socket, nccl_channel_group
+
+fd, port = _listening_socket("127.0.0.1")
+store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=True, wait_for_workers=False, master_listen_fd=fd)
+t0 = time.monotonic()
+try:
+    group = nccl_channel_group(store, 0, timedelta(seconds=15))
+    group.broadcast(torch.zeros(1, device="cuda"), 0).wait(timedelta(seconds=15))
+    raise SystemExit("[gpu-smoke] the broadcast to a peer that never joined succeeded")
+except RuntimeError as e:
+    waited = time.monotonic() - t0
+    print(f"[gpu-smoke] NCCL channel without its peer raised after {waited:.0f} s: {type(e).__name__}: {str(e)[:120]}")
+time.sleep(30)  # a watchdog would act within this
+x = torch.ones(1024, device="cuda").sum().item()
+print(f"[gpu-smoke] the process lives on and computes on the GPU ({x:.0f})")
+raise SystemExit(0 if waited < 60 and x == 1024 else 1)
+EOF
+then report "5 NCCL channel fault isolation" PASS; else report "5 NCCL channel fault isolation" FAIL; fi
 exit $failed

@@ -198,3 +198,38 @@ def test_channel_on_a_configured_address_listens_there_only_and_checks_the_secre
             ch.connect()
         assert ch.group is None
     ch.close()
+
+
+def test_an_nccl_channel_is_built_to_raise_rather_than_tear_the_learner_down(monkeypatch):
+    """No NCCL on this CPU build, so a stand-in ProcessGroupNCCL records what the channel's group is built under: no
+    watchdog (blocking wait), clean-up-only error handling, no dump signal, a non-blocking communicator init bounded by
+    the channel's timeout; and the learner's own settings (torchrun's TearDown) back in place right after."""
+    import os
+    import types
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from asymre.sync import nccl_channel_group
+
+    seen = {}
+
+    class StandIn:
+        class Options:
+            def __init__(self):
+                self.config, self._timeout = types.SimpleNamespace(blocking=1), None
+
+        def __init__(self, store, rank, size, opts):
+            seen.update(env={k: os.environ.get(k) for k in ("TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                                                            "TORCH_NCCL_DUMP_ON_TIMEOUT")}, opts=opts, size=size, rank=rank)
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", StandIn, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # what torchrun sets for the whole learner process
+    for var in ("TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_NCCL_NONBLOCKING_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    nccl_channel_group(None, 0, timedelta(seconds=42))
+    assert seen["env"] == {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
+    assert (seen["size"], seen["rank"], seen["opts"].config.blocking, seen["opts"]._timeout) == (2, 0, 0, timedelta(seconds=42))
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"  # the learners' own groups keep theirs
+    assert "TORCH_NCCL_BLOCKING_WAIT" not in os.environ and "TORCH_NCCL_DUMP_ON_TIMEOUT" not in os.environ
+    assert os.environ["TORCH_NCCL_NONBLOCKING_TIMEOUT"] == "42"  # the communicator's init waits no longer than the channel
