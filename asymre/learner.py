@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 from asymre.advantages import ADVANTAGES
 from asymre.baselines import RunningBaseline
@@ -168,6 +169,29 @@ def _gather_zero3(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         for name, buf in mod.named_buffers(recurse=False):
             if name not in mod._non_persistent_buffers_set:
                 out[dot + name] = buf.detach().to("cpu", copy=True)
+    return out
+
+
+def gather_fsdp2(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """FSDP2's sharded weights (DTensors), whole, on every rank (on the host), one tensor all-gathered at a time:
+    accelerate 1.15's get_state_dict under FSDP2 (accelerator.py, Accelerator.get_state_dict) asks torch for
+    StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True), which fills rank 0 alone, but
+    each colocated rank's engine needs them. A tensor under two names (tied embeddings) is gathered once. Collective:
+    call on every rank, which walk the same state dict in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    # which names are one parameter (tied): decided from the module's structure, the same on every rank (a rank's
+    # empty shard could not tell), so every rank calls the same all-gathers
+    first: dict[int, str] = {}
+    alias = {name: first.setdefault(id(p), name) for name, p in module.named_parameters(remove_duplicate=False)}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict().items():
+        if alias.get(name, name) != name and alias[name] in out:
+            out[name] = out[alias[name]]
+            continue
+        whole = t.full_tensor() if isinstance(t, DTensor) else t
+        out[name] = whole.detach().to("cpu", copy=True)
+        del whole
     return out
 
 
@@ -427,22 +451,29 @@ class Learner:
         return max((int(s["step"]) for s in opt.state.values() if "step" in s), default=0)
 
     # ---- weights out -----------------------------------------------------------------------------
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, everywhere: bool = False) -> dict[str, torch.Tensor]:
         """Hugging Face-named full weights (gathered under FSDP/DeepSpeed; under LoRA merged into the base model's
-        names). Collective: call on every rank. Under ZeRO-3 every rank gets them (each colocated rank's engine needs
-        them); under FSDP only the main process."""
-        return self._as_base_model(self._trained_state())
+        names). Collective: call on every rank. Under ZeRO-3 every rank gets them; under FSDP only the main process,
+        unless `everywhere` (each colocated rank's engine needs them)."""
+        return self._as_base_model(self._trained_state(everywhere))
 
     def _as_base_model(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The trained state under the base model's names: LoRA's adapters merged in (an empty state, FSDP's on other
         ranks than the main one, stays empty)."""
         return merge_lora(state, scaling(self.lora.alpha, self.lora.rank)) if self.lora is not None and state else state
 
-    def _trained_state(self) -> dict[str, torch.Tensor]:
-        """The prepared model's own state, gathered (a peft model's names under LoRA). Collective."""
+    def _trained_state(self, everywhere: bool = False) -> dict[str, torch.Tensor]:
+        """The prepared model's own state, gathered (a peft model's names under LoRA); on every rank under ZeRO-3, and
+        under FSDP when `everywhere`. Collective."""
         if self.zero3:
             return _gather_zero3(self.unwrapped())
-        return self.accelerator.get_state_dict(self.model)
+        acc = self.accelerator
+        if everywhere and acc.num_processes > 1 and acc.distributed_type == DistributedType.FSDP:
+            if not acc.is_fsdp2:
+                raise ConfigError("colocated engines on several FSDP ranks each need the whole weights: use fsdp_version: 2 "
+                                  "in the accelerate config (FSDP1's full state dict is gathered to rank 0 only here)")
+            return gather_fsdp2(self.unwrapped())
+        return acc.get_state_dict(self.model)
 
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU smoke check (issue: the learner on GPUs), for a machine with one GPU; not part of CI. Under 10 minutes
+# The GPU smoke check (issues: the learner on GPUs; generation on GPUs), for a machine with one GPU (two for part 6); not part of CI. Under 10 minutes
 # with the embedded model. Each part prints PASS, FAIL or SKIP and the script goes on; it exits non-zero if any
 # part failed.
 #
@@ -13,7 +13,9 @@
 #      (DeepSpeed parts skipped where deepspeed is not installed);
 #   4. where vLLM is installed, the colocated vLLM recipe for 2 steps, again with rollout.sleep_level=1, and the GPU
 #      memory one sleep frees (skipped cleanly without vLLM);
-#   5. an NCCL weight channel to a peer that never joins raises within its timeout and the process goes on.
+#   5. an NCCL weight channel to a peer that never joins raises within its timeout and the process goes on;
+#   6. with 2 GPUs and vLLM: colocated engines on 2 learner ranks (DDP, then FSDP2), each on its own GPU, each holding
+#      the learner's final weights (skipped on one GPU).
 # PY picks the interpreter (default: the project's .venv, else python3); each part is cut at PART_TIMEOUT seconds.
 set -u
 cd "$(dirname "$0")/.."
@@ -135,4 +137,23 @@ print(f"[gpu-smoke] the process lives on and computes on the GPU ({x:.0f})")
 raise SystemExit(0 if waited < 60 and x == 1024 else 1)
 EOF
 then report "5 NCCL channel fault isolation" PASS; else report "5 NCCL channel fault isolation" FAIL; fi
+
+# 6. colocated vLLM on 2 learner ranks (needs 2 GPUs): each rank's engine on its own GPU (external_launcher), the learner's
+#    current device left alone, and each engine holding the final weights after the last push; under DDP and FSDP2
+#    (whose full state dict accelerate gathers to rank 0 only: every rank's engine must still get the weights)
+if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ] && $PY -c "import vllm" > /dev/null 2>&1; then
+  for acc_cfg in multi_gpu_ddp fsdp; do
+    rm -rf "$OUT/colocated_$acc_cfg"; mkdir -p "$OUT/colocated_$acc_cfg"
+    if PYTHONPATH=. timeout $T $ACC launch --config_file recipes/accelerate/$acc_cfg.yaml --num_processes 2 --gpu_ids 0,1 tests/scripts/ddp_recipe.py \
+        "$OUT/colocated_$acc_cfg" "${SMALL[@]}" rollout.backend=vllm model.dtype=bfloat16 rollout.gpu_memory_utilization=0.3 \
+        sync.interval=1 buffer.max_staleness=0 logging.run_dir="$OUT/colocated_$acc_cfg/run" > "$OUT/colocated_$acc_cfg.log" 2>&1 \
+      && $PY -c "import json,sys; r=[json.load(open(f'{sys.argv[1]}/rank{i}.json')) for i in (0,1)]; print('[gpu-smoke]', [(x['engine_device'], x['current_device'], x['engine_diff']) for x in r]); sys.exit(0 if [x['engine_device'] for x in r]==['cuda:0','cuda:1'] and [x['current_device'] for x in r]==[0,1] and all(x['engine_diff']==0 for x in r) else 1)" "$OUT/colocated_$acc_cfg"; then
+      report "6 colocated vLLM on 2 GPUs, $acc_cfg" PASS
+    else
+      report "6 colocated vLLM on 2 GPUs, $acc_cfg" FAIL; tail -20 "$OUT/colocated_$acc_cfg.log"
+    fi
+  done
+else
+  report "6 colocated vLLM on 2 GPUs" SKIP
+fi
 exit $failed

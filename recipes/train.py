@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -86,7 +87,9 @@ class AsymRERecipe:
         if self.main:
             warn_if_memory_short(cfg, model_path, acc)  # on a GPU, before the model loads: a rough estimate, never a stop
         self.learner = Learner(cfg, model_path, acc, load_tokenizer(model_path))
-        self.rollout = make_rollout(cfg, acc, model_path, train, WeightSync.from_config(cfg, self.run_dir), self.learner.full_state_dict,
+        # a colocated rank's engine needs the whole weights on that rank (under FSDP too)
+        weights = partial(self.learner.full_state_dict, everywhere=cfg.rollout.mode == "colocated")
+        self.rollout = make_rollout(cfg, acc, model_path, train, WeightSync.from_config(cfg, self.run_dir), weights,
                                     self.scorer, vocab_size=self.learner.unwrapped().get_input_embeddings().num_embeddings)
         if resume_from is not None:
             self._resume(resume_from)

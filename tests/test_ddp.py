@@ -123,3 +123,39 @@ def test_async_mode_with_two_ranks_evaluates_on_the_workers_every_step(tmp_path)
     assert [r["step"] for r in records if "loss/value" in r] == [1, 2, 3]
     versions = {json.loads(line)["policy_version"] for line in (run / "completions.jsonl").read_text().splitlines()}
     assert versions <= {0, 2}, versions
+
+
+def test_fsdp2_weights_are_whole_on_every_rank_for_colocated_engines(tmp_path):
+    """Under FSDP2 each rank holds a shard of every weight (accelerate's get_state_dict gathers to rank 0 alone); a
+    colocated rank's engine needs them all: `gather_fsdp2` gives every rank the whole weights, on the host, a tied pair
+    once. Two real processes (torchrun, gloo) with FSDP2's own `fully_shard` on the CPU."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29536", "tests/scripts/fsdp2_gather.py", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["shard_rows"] == 2, "the weights were not sharded: the gather would prove nothing"
+        assert r["names"] == r["reference"] and r["equal"] and r["on_host"] and r["tied_once"], r
+
+
+def test_two_colocated_ranks_each_build_their_own_vllm_engine(tmp_path):
+    """Colocated vLLM on 2 learner ranks (gloo): each rank's engine joins the launcher's process group through vLLM's
+    external_launcher executor (on GPUs: each on its rank's own device, not all on GPU 0), generates its own prompts,
+    and holds the learner's final weights after the last push."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_ddp2.yaml", "--main_process_port", "29537",
+           "tests/scripts/ddp_recipe.py", str(tmp_path), "rollout.backend=vllm", "rollout.kv_cache_gb=0.25", "rollout.prompts_per_step=2",
+           "rollout.group_size=2", "rollout.max_new_tokens=6", "learner.groups_per_step=2", "learner.steps=2", "learner.lr=1e-3",
+           "learner.warmup_steps=0", "sync.interval=1", "buffer.max_staleness=0", "eval.at_start=false", "eval.at_end=false",
+           "logging.progress=false", "checkpoint.save_final_model=false", f"logging.run_dir={tmp_path}/run"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["executor"] for r in ranks] == ["external_launcher"] * 2
+    assert [r["engine_device"] for r in ranks] == ["cpu"] * 2  # on GPUs: cuda:0 and cuda:1 (make gpu-smoke, part 6)
+    assert ranks[0]["after"] == ranks[1]["after"] != ranks[0]["before"]
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]
+    assert all(r["engine_diff"] == 0 for r in ranks), [r["engine_diff"] for r in ranks]

@@ -18,7 +18,8 @@ def resolve_backend(backend: str) -> str:
 def make_generator(backend: str, model_path: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 2048,
                    max_prompt_tokens: int = 1024, gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0,
                    device: str | None = None, server_url: str | None = None, chat_template_kwargs: dict | None = None,
-                   api_key_env: str | None = None, sleep_level: int = 0, stream_weights: bool = False) -> Generator:
+                   api_key_env: str | None = None, sleep_level: int = 0, stream_weights: bool = False,
+                   external_launcher: bool = False) -> Generator:
     """Build one generator. Picklable arguments only, so worker processes can call it too.
     `backend` may also be a dotted path 'pkg.module:factory' to a user's own backend, called with
     (model_path, dtype=..., seed=...), plus chat_template_kwargs=... when task.chat_template_kwargs is set,
@@ -38,7 +39,7 @@ def make_generator(backend: str, model_path: str, *, dtype: str = "float32", see
         from asymre.rollout.vllm_engine import VLLMGenerator
 
         return VLLMGenerator(model_path, dtype, max_model_len, seed, gpu_memory_utilization, kv_cache_gb, max_prompt_tokens,
-                             chat_template_kwargs, sleep_level=sleep_level)
+                             chat_template_kwargs, sleep_level=sleep_level, external_launcher=external_launcher)
     if backend == "hf":
         from asymre.rollout.hf import HFGenerator
 
@@ -54,10 +55,11 @@ def custom_backend(spec: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def generator_from_config(cfg, model_path: str, rank: int = 0, server_url: str | None = None) -> Generator:
+def generator_from_config(cfg, model_path: str, rank: int = 0, server_url: str | None = None, world: int = 1) -> Generator:
     """The run's generation engine on learner rank `rank` (its sampling seed is rollout.seed + rank), as a worker
     process or the recipe builds it; `server_url` makes it a client of that remote vLLM server. Its context holds
-    the longest prompt plus the longer of the training and evaluation completions (both run on it)."""
+    the longest prompt plus the longer of the training and evaluation completions (both run on it). `world` > 1: one
+    colocated engine on each of that many learner ranks (a vLLM engine then joins the launcher's process group)."""
     ro = cfg.rollout
     return make_generator(ro.backend, model_path, dtype=cfg.model.dtype, seed=ro.seed + rank,
                           max_model_len=ro.max_prompt_tokens + max(ro.max_new_tokens, cfg.eval.max_new_tokens),
@@ -65,7 +67,7 @@ def generator_from_config(cfg, model_path: str, rank: int = 0, server_url: str |
                           kv_cache_gb=ro.kv_cache_gb, server_url=server_url, chat_template_kwargs=dict(cfg.task.chat_template_kwargs),
                           api_key_env=ro.server_api_key_env if server_url else None,
                           sleep_level=ro.sleep_level if ro.mode == "colocated" else 0,
-                          stream_weights=bool(server_url) and cfg.sync.method == "broadcast")
+                          stream_weights=bool(server_url) and cfg.sync.method == "broadcast", external_launcher=world > 1)
 
 
 def check_rollout_config(cfg) -> None:

@@ -144,7 +144,7 @@ class ColocatedRollout(Rollout):
         self.scorer = scorer
         self.keeps_behaviour = cfg.sync.interval > 1
         with whole_models(accelerator):
-            self.engine = generator_from_config(cfg, model_path, accelerator.process_index)
+            self.engine = generator_from_config(cfg, model_path, accelerator.process_index, world=accelerator.num_processes)
         # A host copy of the weights the engine holds, while it lags the learner (sync.interval > 1): evaluations
         # and checkpoints need them back (one model's worth of memory). The engine starts on the learner's weights.
         self.last_pushed: Weights = self._copy(weights())

@@ -64,7 +64,7 @@ class VLLMGenerator:
 
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0, max_prompt_tokens: int = 1024,
-                 chat_template_kwargs: dict | None = None, sleep_level: int = 0):
+                 chat_template_kwargs: dict | None = None, sleep_level: int = 0, external_launcher: bool = False):
         problem = check_vllm_version(installed_vllm_version())  # also for callers that skip check_rollout_config
         if problem:
             raise RuntimeError(problem)
@@ -82,6 +82,8 @@ class VLLMGenerator:
                 kwargs["enable_sleep_mode"] = True  # vllm 0.32 ModelConfig: CUDA only, turns on its cumem allocator
         else:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
+        if external_launcher:
+            kwargs.update(_external_launcher())
         self.llm = LLM(**kwargs)
         self.tokenizer = load_tokenizer(model_path)
         self.eos = eos_token_ids(self.tokenizer)
@@ -152,6 +154,23 @@ class VLLMGenerator:
     def close(self) -> None:
         llm, self.llm = self.llm, None
         del llm
+
+
+def _external_launcher() -> dict:
+    """One colocated engine per learner rank, each on its rank's own device (as TRL's colocate mode builds its engines,
+    trl/generation/vllm_generation.py). vLLM 0.32's default single-process executor takes its local rank from the
+    device "cuda", which has no index (v1/executor/uniproc_executor.py, UniProcExecutor._distributed_args; the `device`
+    argument is gone), so every rank's engine would land on GPU 0 and move ranks 1..N-1's current device there.
+    ExecutorWithExternalLauncher takes RANK and LOCAL_RANK from the environment `accelerate launch` sets, joins the
+    learners' process group already initialised (distributed/parallel_state.py, init_distributed_environment; one
+    tensor-parallel group of 1 per rank) and its GPU worker sets cuda:LOCAL_RANK (v1/worker/gpu_worker.py,
+    init_device). Every rank builds its engine at the same point (the groups are made collectively, and the KV-cache
+    size is the ranks' minimum); generation itself runs no collective, so ranks may generate different rounds."""
+    missing = [k for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"colocated vLLM engines on several learner ranks need the launcher's {', '.join(missing)}: start "
+                           "the run with `accelerate launch` (or torchrun)")
+    return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
 
 
 def _engine_worker(worker):

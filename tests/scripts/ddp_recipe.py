@@ -1,5 +1,6 @@
 """Run the AsymRE recipe under `accelerate launch` (2 processes) and write each rank's weight checksum, its
-optimizer step count, and whether its generation engine (transformers backend) holds the learner's final weights.
+optimizer step count, and whether its generation engine (transformers, or vLLM: its embedding) holds the learner's
+final weights.
 
     PYTHONPATH=. accelerate launch --config_file recipes/accelerate/cpu_ddp2.yaml tests/scripts/ddp_recipe.py OUT_DIR key=value ...
 """
@@ -23,6 +24,16 @@ def checksum(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _embedding(worker) -> torch.Tensor:
+    from asymre.rollout.vllm_engine import _engine_model
+
+    return _engine_model(worker).model.embed_tokens.weight.detach().to("cpu", copy=True)
+
+
+def _device(worker) -> str:
+    return str(getattr(worker, "device", "unknown"))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     cfg = load_config("recipes/configs/smollm2_arithmetic_cpu.yaml", sys.argv[2:])
@@ -40,14 +51,23 @@ def main() -> None:
     recipe.learner.train_step = recording_step
     recipe.train()
     final = recipe.learner.full_state_dict()
-    engine = recipe.rollout.engine.model.state_dict()  # after finish(): the final policy, pushed to this rank's engine
-    engine_diff = max((engine[k].float() - v.float()).abs().max().item() for k, v in final.items())
+    engine, executor, engine_device = recipe.rollout.engine, None, None  # after finish(): the final policy, pushed to this rank's engine
+    if hasattr(engine, "llm"):  # vLLM: its packed CPU layers cannot be read back, its embedding (loaded in place) can
+        embedding = engine.llm.collective_rpc(_embedding)[0]
+        engine_diff = (embedding.float() - final["model.embed_tokens.weight"].float()).abs().max().item()
+        executor = engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
+        engine_device = str(engine.llm.collective_rpc(_device)[0])
+    else:
+        held = engine.model.state_dict()
+        engine_diff = max((held[k].float() - v.float()).abs().max().item() for k, v in final.items())
     rank = recipe.acc.process_index
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": recipe.acc.num_processes, "before": before,
                                                        "after": checksum(final), "prompts": seen, "backend": str(recipe.acc.distributed_type),
                                                        "lr": recipe.learner.scheduler.get_last_lr()[0],
                                                        "optimizer_steps": recipe.learner.optimizer_steps(), "learner_steps": recipe.learner.step,
-                                                       "engine_diff": engine_diff}))
+                                                       "engine_diff": engine_diff, "executor": executor,
+                                                       "engine_device": engine_device,
+                                                       "current_device": torch.cuda.current_device() if torch.cuda.is_available() else None}))
     recipe.cleanup()
 
 
