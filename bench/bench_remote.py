@@ -12,7 +12,8 @@ prefix cache. For the record it also times one round sent the old way, one reque
 The engines never run at once. The server runs twice: as started by default, where vLLM's CPU backend binds its
 worker process to one core and keeps the other for its scheduler process (reserve_cpu_num=1: on this 2-core
 machine, half the cores), and with VLLM_CPU_NUM_OF_RESERVED_CPU=0 (the worker's threads on both cores, like the
-in-process engine's); `--variants default` skips the second.
+in-process engine's); `--variants default` skips the second. With the first server it also times a weight push into
+it: through a folder ('disk') and streamed over a gloo channel ('broadcast').
 """
 
 from __future__ import annotations
@@ -37,6 +38,41 @@ def _rounds(gen, rounds, spec) -> list[float]:
         out.append(time.perf_counter() - t0)
         assert len(groups) == len(prompts) and all(len(g.trajectories) == spec.n for g in groups)
     return out[1:]
+
+
+def _pushes(remote, model_path: str, scratch: Path) -> dict:
+    """Seconds of one weight push into the server (after a first, untimed one each): 'disk' (a safetensors folder
+    written, then loaded by the server) and 'broadcast' (streamed over a gloo WeightChannel into the server's worker,
+    no folder); the medians of 3."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from asymre.rollout.vllm_receiver import RECEIVER
+    from asymre.sync import WeightChannel, read_weights_folder, write_weights_folder
+
+    remote._check_receiver()  # the tests' server runs the receiver (RECEIVER)
+    state = dict(read_weights_folder(model_path))
+    out: dict = {"push_receiver": RECEIVER}
+    disk = []
+    for v in range(4):
+        t0 = time.perf_counter()
+        remote.load_weights(write_weights_folder(state, scratch / "weights"), v + 1)
+        disk.append(time.perf_counter() - t0)
+    out["push_disk_s"] = disk[1:]
+    channel = WeightChannel.listen("gloo", 300.0)
+    with ThreadPoolExecutor(1) as pool:
+        joined = pool.submit(remote.open_channel, channel.host, channel.port, "gloo", 300.0, channel.secret)
+        channel.connect()
+        joined.result()
+        meta, streamed = WeightChannel.describe(state), []
+        for v in range(4):
+            t0 = time.perf_counter()
+            loaded = pool.submit(remote.receive_broadcast, meta, v + 10)
+            channel.send(state, meta)
+            loaded.result()
+            streamed.append(time.perf_counter() - t0)
+    channel.close()
+    out["push_broadcast_s"] = streamed[1:]
+    return out
 
 
 def main() -> None:
@@ -76,6 +112,8 @@ def main() -> None:
             for prompt, pid in zip(rounds[-1], ids):  # the old client: one request per prompt, one after another
                 remote._one(prompt, pid, spec)
             result[f"remote_{variant}_one_by_one_s"] = time.perf_counter() - t0
+            if variant == a.variants.split(",")[0]:
+                result.update(_pushes(remote, path, Path(cwd)))
             remote.close()
 
     local = generator_from_config(cfg, path)
@@ -91,6 +129,9 @@ def main() -> None:
         print(f"  server ({variant}), a round at once: {med:.2f} s  {[round(x, 2) for x in result[f'remote_{variant}_s']]}  "
               f"= {med / inproc:.2f}x in-process (target <= 1.5); one request after another: "
               f"{result[f'remote_{variant}_one_by_one_s']:.2f} s")
+    print(f"  a weight push into the server: disk {statistics.median(result['push_disk_s']):.2f} s "
+          f"{[round(x, 2) for x in result['push_disk_s']]}, broadcast (gloo) {statistics.median(result['push_broadcast_s']):.2f} s "
+          f"{[round(x, 2) for x in result['push_broadcast_s']]}")
     out = ROOT / a.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

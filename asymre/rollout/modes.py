@@ -274,13 +274,17 @@ class AsyncRollout(Rollout):
     @contextmanager
     def evaluation_engine(self, learner_step):
         """The workers' engines, as one (`PoolEngine`); the other ranks wait for the main process at their next
-        collective (learner.dist_timeout_s)."""
-        state = self.weights()  # gathered on every rank
+        collective (learner.dist_timeout_s). Right after a push the workers already hold the learner's weights (a worker
+        restarted since got that push again): nothing is gathered or lent."""
+        state = self.weights() if self.pushed_version != learner_step else {}  # the same decision on every rank (collective)
         if not self.main:
             yield None
             return
         pool = self.pool
         lent = [h for h in pool.handles if pool.workers[h.index].version != learner_step]
+        if lent and not state:
+            raise RuntimeError(f"evaluation at step {learner_step}: weights version {learner_step} was pushed, yet generation "
+                               f"workers {[h.index for h in lent]} hold another")
         if lent and not self.last_pushed:
             raise RuntimeError(f"evaluation at step {learner_step}: generation workers hold weights version "
                                f"{sorted({pool.workers[h.index].version for h in lent})}, and no copy of them was kept to give back")

@@ -89,3 +89,18 @@ def test_async_evaluation_between_pushes_lends_the_learners_weights_then_gives_t
     assert len(trained) == 14
     assert {(g.version, t.extras["weights_sum"]) for g in trained for t in g.trajectories} == {(2, 6.0)}
     assert not (rollout.sync.folder / "lent").exists() and (rollout.sync.folder / "latest").is_dir()
+
+
+def test_an_evaluation_right_after_a_push_gathers_no_weights(rollout, monkeypatch):
+    """The workers hold a push's weights already: gathering them again (a collective over every rank under ZeRO-3 or
+    FSDP) would cost a model's worth of traffic per evaluation for nothing. Between pushes the learner's are gathered."""
+    gathers = []
+    real = rollout.weights
+    monkeypatch.setattr(rollout, "weights", lambda: gathers.append(1) or real())
+    rollout.push(4)
+    with rollout.evaluation_engine(4) as engine:
+        groups = engine.generate(_prompts(2, "e"), SamplingSpec(n=1, temperature=0.0, max_new_tokens=8))
+    assert len(gathers) == 1 and {g.version for g in groups} == {4}  # the push's gather only
+    with rollout.evaluation_engine(5) as engine:
+        groups = engine.generate(_prompts(2, "e"), SamplingSpec(n=1, temperature=0.0, max_new_tokens=8))
+    assert len(gathers) == 2 and {g.version for g in groups} == {5}
