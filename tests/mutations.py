@@ -92,6 +92,15 @@ MUTATIONS = [
     Mutation("any installed vLLM version passes the start-up check", "asymre/rollout/vllm_engine.py", "if installed is None or",
              "if True or", ("tests/rollout/test_from_config.py::test_a_vllm_outside_the_checked_versions_is_refused_at_start_up",
                             "tests/rollout/test_remote.py::test_a_server_running_an_unchecked_vllm_is_refused_naming_it")),
+    Mutation("an NCCL weight channel keeps NCCL's blocking communicator init (unbounded when its peer never comes)", "asymre/sync.py",
+             "    opts.config.blocking = 0\n", "    opts.config.blocking = 1\n",
+             ("tests/test_sync.py::test_an_nccl_channel_is_built_to_raise_rather_than_tear_the_learner_down",)),
+    Mutation("async evaluation gathers the learner's weights even right after a push", "asymre/rollout/modes.py",
+             "state = self.weights() if self.pushed_version != learner_step else {}", "state = self.weights()",
+             ("tests/rollout/test_modes.py::test_an_evaluation_right_after_a_push_gathers_no_weights",)),
+    Mutation("a remote server is not asked whether it can receive streamed weights", "asymre/rollout/remote.py",
+             "        if stream_weights:\n            self._check_receiver()", "        if False:\n            self._check_receiver()",
+             ("tests/rollout/test_remote.py::test_streaming_weights_to_a_server_without_the_receiver_is_refused_at_start",)),
 ]
 
 
