@@ -290,7 +290,7 @@ def check_buffer_capacity(cfg: Config, ranks: int = 1) -> None:
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
-    if host == "localhost":
+    if host in ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"):
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -189,6 +189,8 @@ def gather_fsdp2(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         if alias.get(name, name) != name and alias[name] in out:
             out[name] = out[alias[name]]
             continue
+        if isinstance(t, DTensor) and t.device.type != t.device_mesh.device_type:
+            t = t.to(t.device_mesh.device_type)  # offloaded shards (fsdp_offload_params) gather on the mesh's device
         whole = t.full_tensor() if isinstance(t, DTensor) else t
         out[name] = whole.detach().to("cpu", copy=True)
         del whole

@@ -101,8 +101,9 @@ class WeightChannel:
 
     Nothing listens beyond `host` (default 127.0.0.1, `sync.channel_host`): the store's socket and gloo's
     pair sockets are bound to it. The store itself has no authentication, so before either side joins the
-    group the worker proves it holds the channel's secret (sent to it over its multiprocessing pipe, never
-    over the network): HMAC-SHA256 of a nonce the learner puts in the store. A wrong proof closes the
+    group the worker proves it holds the channel's secret (sent to a local worker over its multiprocessing pipe,
+    never over the network; to a remote server's worker in its /collective_rpc request): HMAC-SHA256 of a nonce the
+    learner puts in the store. A wrong proof closes the
     channel with `ChannelAuthError` before any weight is sent. NCCL's own bootstrap sockets follow
     NCCL_SOCKET_IFNAME (set it to `lo` on one host). On NCCL the group is built so that a failure raises here and
     costs this channel only (`nccl_channel_group`); `connect` runs one tiny broadcast, so the communicator's init
@@ -119,11 +120,13 @@ class WeightChannel:
         self.group = None
 
     @classmethod
-    def listen(cls, backend: str, timeout_s: float, host: str = "127.0.0.1", secret: str | None = None) -> WeightChannel:
+    def listen(cls, backend: str, timeout_s: float, host: str = "127.0.0.1", secret: str | None = None,
+               join_timeout_s: float | None = None) -> WeightChannel:
+        """`join_timeout_s` (default `timeout_s`): how long the learner waits for the peer to join."""
         import torch.distributed as dist
 
         fd, port = _listening_socket(host)
-        store = dist.TCPStore(host, port, world_size=2, is_master=True, timeout=timedelta(seconds=timeout_s),
+        store = dist.TCPStore(host, port, world_size=2, is_master=True, timeout=timedelta(seconds=join_timeout_s or timeout_s),
                               wait_for_workers=False, master_listen_fd=fd)
         channel = cls(host, store.port, 0, backend, timeout_s, store=store, secret=secret or secrets.token_hex(16))
         channel.store.set("asymre/nonce", secrets.token_hex(16))
@@ -142,6 +145,13 @@ class WeightChannel:
                                    "refused before any weight was sent")
 
     def connect(self) -> WeightChannel:
+        try:
+            return self._connect()
+        except BaseException:
+            self.close()  # a half-made group (an NCCL communicator mid-init) is aborted, not left to the collector
+            raise
+
+    def _connect(self) -> WeightChannel:
         import torch.distributed as dist
 
         timeout = timedelta(seconds=self.timeout_s)
@@ -343,8 +353,8 @@ class WeightSync:
         for i, e in enumerate(engines):
             if method not in sync_methods(e):
                 if method == "broadcast":
-                    raise ValueError(f"sync.method=broadcast reaches worker processes only; engine {i} "
-                                     f"({type(e).__name__}) takes 'inprocess' (colocated) or 'disk' (remote server)")
+                    raise ValueError(f"sync.method=broadcast reaches worker processes (and the remote servers they "
+                                     f"reach) only; engine {i} ({type(e).__name__}) takes 'inprocess' or 'disk'")
                 raise ValueError("sync.method=inprocess cannot reach a worker process or remote server; use 'disk'")
         if method == "inprocess":
             for i, e in enumerate(engines):
@@ -397,7 +407,10 @@ class WeightSync:
                 if backend == "nccl" and not handle.own_device:
                     raise ValueError("sync.method=broadcast on GPUs needs each worker on its own GPU (rollout.devices): "
                                      "NCCL cannot connect two ranks on one device")
-                channel = WeightChannel.listen(backend, self.timeout_s, host=self.channel_host)
+                # a remote server's worker may still be waiting out a failed push's stream (up to sync.timeout_s) before
+                # it reads the request to join: it gets twice as long
+                join = self.timeout_s * (2 if getattr(handle, "remote", False) else 1)
+                channel = WeightChannel.listen(backend, self.timeout_s, host=self.channel_host, join_timeout_s=join)
                 handle.send(("channel", channel.host, channel.port, backend, self.timeout_s, channel.secret))  # the secret: pipe only
                 self.channels[handle.index] = channel = channel.connect()
             meta = WeightChannel.describe(state_dict)

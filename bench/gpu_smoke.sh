@@ -107,20 +107,26 @@ else
   report "4 colocated vLLM recipe" SKIP
 fi
 
-# 5. an NCCL weight channel whose peer never comes (one GPU is enough for the learner's side): the channel's first
-#    collective must raise within about its timeout, and this process must go on using the GPU afterwards (no
-#    watchdog tear-down; the stalled-peer-mid-stream case needs a second GPU)
+# 5. an NCCL weight channel whose peer never comes (one GPU is enough for the learner's side), inside a process set
+#    up as a learner under torchrun: a one-rank NCCL default group with TearDown error handling and a short heartbeat
+#    timeout, its watchdog running. The channel's first collective must raise after waiting about its 15 s, and
+#    the process must still compute on the GPU and use its default group 45 s later (a watchdog tear-down, or the
+#    heartbeat monitor acting on a dump signal, would have ended it by then); the stalled-peer-mid-stream case needs a
+#    second GPU
 if timeout $T $PY - <<'EOF'
 import os
 import time
 from datetime import timedelta
 
-os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"  # as torchrun sets it for the learner
+os.environ.update(TORCH_NCCL_ASYNC_ERROR_HANDLING="1", TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC="20")  # as torchrun; a quick monitor
 import torch
 import torch.distributed as dist
 
 from asymre.sync import _listening_socket, nccl_channel_group
 
+torch.cuda.set_device(0)
+dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+dist.all_reduce(torch.ones(1, device="cuda"))  # the learners' group, its watchdog started
 fd, port = _listening_socket("127.0.0.1")
 store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=True, wait_for_workers=False, master_listen_fd=fd)
 t0 = time.monotonic()
@@ -130,12 +136,14 @@ try:
     print("[gpu-smoke] the broadcast to a peer that never joined succeeded", flush=True)
     os._exit(1)
 except RuntimeError as e:
-    waited = time.monotonic() - t0
-    print(f"[gpu-smoke] NCCL channel without its peer raised after {waited:.0f} s: {type(e).__name__}: {str(e)[:120]}")
-time.sleep(30)  # a watchdog would act within this
-x = torch.ones(1024, device="cuda").sum().item()
-print(f"[gpu-smoke] the process lives on and computes on the GPU ({x:.0f})", flush=True)
-os._exit(0 if waited < 60 and x == 1024 else 1)  # skip interpreter teardown: the aborted communicator's destructor is not the check
+    waited, error = time.monotonic() - t0, f"{type(e).__name__}: {str(e)[:160]}"
+    print(f"[gpu-smoke] NCCL channel without its peer raised after {waited:.0f} s: {error}", flush=True)
+time.sleep(45)  # past the heartbeat timeout: a tear-down would have come by now
+x = torch.ones(1024, device="cuda")
+dist.all_reduce(x)
+print(f"[gpu-smoke] the process lives on, computes on the GPU and all-reduces in its own group ({x.sum().item():.0f})", flush=True)
+# it waited out the channel's timeout (not an immediate, unrelated error), and no longer than a few of them
+os._exit(0 if 10 <= waited < 60 and x.sum().item() == 1024 else 1)  # skip teardown: not the check
 EOF
 then report "5 NCCL channel fault isolation" PASS; else report "5 NCCL channel fault isolation" FAIL; fi
 

@@ -33,7 +33,8 @@ class RemoteVLLMGenerator:
     sync_methods = ("disk",)  # in this process it loads a folder; a worker process holding it also relays 'broadcast'
 
     def __init__(self, url: str, model_path: str, max_prompt_tokens: int = 1024, timeout_s: float = 600.0,
-                 chat_template_kwargs: dict | None = None, api_key_env: str | None = None, stream_weights: bool = False):
+                 chat_template_kwargs: dict | None = None, api_key_env: str | None = None, stream_weights: bool = False,
+                 push_timeout_s: float = 300.0):
         self.url = url.rstrip("/")
         self._headers = {"Content-Type": "application/json"}
         if api_key_env:
@@ -48,6 +49,9 @@ class RemoteVLLMGenerator:
         self.max_prompt_tokens = max_prompt_tokens
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.timeout_s = timeout_s
+        # the channel's requests stay open while the tensors stream; the channel's own timeout (sync.timeout_s) ends a
+        # stalled one first, twice over: a server may still be finishing a failed push's wait before it answers
+        self.push_timeout_s = 2 * push_timeout_s + 60
         self.version = 0
         self.model_name = self._post_get("/v1/models")["data"][0]["id"]
         self._check_server_version()
@@ -57,24 +61,31 @@ class RemoteVLLMGenerator:
     def _check_receiver(self) -> None:
         """sync.method=broadcast: the server must run asymre's worker extension, with one worker (the channel has
         one member on the server's side), speaking this protocol."""
+        import torch
+
         from asymre.rollout.vllm_receiver import PROTOCOL, RECEIVER
 
         try:
             answers = self._rpc("asymre_receiver")
         except RuntimeError as e:
+            fix = ("start it with VLLM_SERVER_DEV_MODE=1 (its /collective_rpc endpoint answered 404)" if "HTTP Error 404" in str(e)
+                   else f"start it with --worker-extension-cls {RECEIVER} from an environment where asymre is installed")
             raise RuntimeError(f"sync.method=broadcast streams weights into the server's engine, but vLLM server {self.url} "
-                               f"cannot receive them ({e}): start it with --worker-extension-cls {RECEIVER} from an "
-                               f"environment where asymre is installed, or use sync.method=disk") from e
-        if answers != [str(PROTOCOL)]:  # the endpoint answers a worker's int as its str()
-            raise RuntimeError(f"vLLM server {self.url}: its asymre receiver answered {answers}, expected [{str(PROTOCOL)!r}] "
-                               f"(one worker, tensor_parallel_size=1, and the same asymre version as the learner); "
-                               f"else use sync.method=disk")
+                               f"cannot receive them ({e}): {fix}, or use sync.method=disk") from e
+        if len(answers) != 1 or not isinstance(answers[0], dict) or answers[0].get("protocol") != PROTOCOL:
+            raise RuntimeError(f"vLLM server {self.url}: its asymre receiver answered {answers}, expected one worker's "
+                               f"{{'protocol': {PROTOCOL}, ...}} (tensor_parallel_size=1, and the same asymre version as the "
+                               f"learner); else use sync.method=disk")
+        here = "cuda" if torch.cuda.is_available() else "cpu"  # the learner's machine: the channel is NCCL on a GPU
+        if answers[0].get("device") != here:
+            raise RuntimeError(f"vLLM server {self.url} runs on {answers[0].get('device')} but the learner on {here}: a weight "
+                               f"channel needs both on GPUs (NCCL) or both on CPUs (gloo); use sync.method=disk")
 
-    def _rpc(self, method: str, *args, **kwargs) -> list:
+    def _rpc(self, method: str, *args, timeout_s: float | None = None, **kwargs) -> list:
         """`method` on every worker of the server's engine (vLLM's dev endpoint /collective_rpc,
         vllm/entrypoints/serve/dev/rpc/api_router.py in 0.32: JSON args, {"results": [one per worker]})."""
         body = {"method": method, **({"args": list(args)} if args else {}), **({"kwargs": kwargs} if kwargs else {})}
-        answer = self._post_get("/collective_rpc", body)
+        answer = self._post_get("/collective_rpc", body, timeout_s)
         return answer.get("results", answer) if isinstance(answer, dict) else answer
 
     def _check_server_version(self) -> None:
@@ -91,16 +102,16 @@ class RemoteVLLMGenerator:
                                f"reload_weights) were checked against vLLM {', '.join(v + '.x' for v in SUPPORTED_VLLM)}: "
                                f"serve with vllm=={SUPPORTED_VLLM[-1]}.*")
 
-    def _post_get(self, path: str, body: dict | None = None) -> dict:
+    def _post_get(self, path: str, body: dict | None = None, timeout_s: float | None = None) -> dict:
         req = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
                                      headers=dict(self._headers), method="GET" if body is None else "POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as r:
                 raw = r.read()
         except urllib.error.HTTPError as e:  # an error status: vLLM's JSON body says why
             detail = e.read()[:500].decode(errors="replace").strip()
             raise RuntimeError(f"vLLM server {self.url}{path}: {e}{': ' + detail if detail else ''}") from e
-        except urllib.error.URLError as e:
+        except (urllib.error.URLError, TimeoutError) as e:
             raise RuntimeError(f"vLLM server {self.url}{path}: {e}") from e
         return json.loads(raw) if raw else {}
 
@@ -139,7 +150,8 @@ class RemoteVLLMGenerator:
 
     def load_weights(self, weights, version: int) -> None:
         if not isinstance(weights, str):
-            raise ValueError("a remote vLLM server loads weights from a folder: use sync.method=disk")
+            raise ValueError("a remote vLLM server loads weights from a folder (sync.method=disk) or from its weight channel "
+                             "(sync.method=broadcast), never as tensors in this process")
         # absolute: the server resolves a relative path against its own working directory (or takes it for a hub id)
         path = str(Path(weights).resolve())
         self._rpc("reload_weights", weights_path=path)
@@ -148,11 +160,11 @@ class RemoteVLLMGenerator:
     def open_channel(self, host: str, port: int, backend: str, timeout_s: float, secret: str) -> None:
         """'broadcast': the server's worker joins the learner's WeightChannel (it connects to `host`:`port`, so the
         learner's sync.channel_host must be an address the server reaches)."""
-        self._rpc("asymre_open_channel", host, port, backend, timeout_s, secret)
+        self._rpc("asymre_open_channel", host, port, backend, timeout_s, secret, timeout_s=self.push_timeout_s)
 
     def receive_broadcast(self, meta: list, version: int) -> None:
         """'broadcast': the server loads the tensors the learner is sending now; returns once they are all in."""
-        self._rpc("asymre_receive", meta)
+        self._rpc("asymre_receive", meta, timeout_s=self.push_timeout_s)
         self._loaded(version)
 
     def _loaded(self, version: int) -> None:

@@ -19,7 +19,7 @@ member of the channel.
 from __future__ import annotations
 
 RECEIVER = "asymre.rollout.vllm_receiver.WeightReceiver"
-PROTOCOL = 1  # bumped when the learner's and the server's halves stop understanding each other
+PROTOCOL = 2  # bumped when the learner's and the server's halves stop understanding each other
 
 
 class WeightReceiver:
@@ -27,14 +27,22 @@ class WeightReceiver:
 
     _asymre_channel = None
 
-    def asymre_receiver(self) -> int:
-        """The protocol this server speaks (the learner checks it, and that exactly one worker answered)."""
-        return PROTOCOL
+    def asymre_receiver(self) -> dict:
+        """The protocol this server speaks and its device type (the learner checks both, and that exactly one worker
+        answered): the channel is NCCL when the learner is on a GPU, so the server's worker must be too."""
+        import torch
+
+        return {"protocol": PROTOCOL, "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
     def asymre_open_channel(self, host: str, port: int, backend: str, timeout_s: float, secret: str) -> bool:
         """Join the learner's channel as its rank 1 (a channel left from an earlier learner worker is closed first)."""
+        import torch
+
         from asymre.sync import WeightChannel
 
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise RuntimeError("the learner streams its weights over NCCL (it is on a GPU), but this vLLM server has no GPU: "
+                               "use sync.method=disk")
         self.asymre_close_channel()
         self._asymre_channel = WeightChannel(host, port, 1, backend, timeout_s, secret=secret).connect()
         return True

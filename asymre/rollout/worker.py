@@ -152,8 +152,12 @@ class WorkerHandle:
     def own_device(self) -> bool:
         """True when the worker was given its own GPU (rollout.devices), or is a remote server's client (the server's
         engine joins the channel, on the server's GPU): NCCL needs one device per rank."""
-        kwargs, env = self.pool.per_worker[self.index]
-        return "CUDA_VISIBLE_DEVICES" in env or bool(kwargs.get("server_url"))
+        return "CUDA_VISIBLE_DEVICES" in self.pool.per_worker[self.index][1] or self.remote
+
+    @property
+    def remote(self) -> bool:
+        """True for a remote vLLM server's client: the server's engine joins the weight channel itself."""
+        return bool(self.pool.per_worker[self.index][0].get("server_url"))
 
     def load_weights(self, path: str, version: int) -> None:
         self.send(("weights", path, version))

@@ -12,6 +12,7 @@ import pytest
 from asymre.config import load_config
 from asymre.rollout.base import SamplingSpec
 from asymre.rollout.remote import RemoteVLLMGenerator
+from asymre.rollout.vllm_receiver import PROTOCOL
 from asymre.tasks import build_task
 
 
@@ -53,7 +54,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(self.reset_answer, self.reset_status)
             return
         if self.path == "/collective_rpc" and body["method"] == "asymre_receiver":
-            if self.receiver is None:
+            if self.receiver == "404":  # a server without VLLM_SERVER_DEV_MODE has no /collective_rpc
+                self._reply({"detail": "Not Found"}, 404)
+            elif self.receiver is None:
                 self._reply({"error": "Method asymre_receiver is not implemented"}, 500)
             else:
                 self._reply({"results": self.receiver})
@@ -147,13 +150,20 @@ def test_a_server_running_an_unchecked_vllm_is_refused_naming_it(server, model_p
 
 
 def test_streaming_weights_to_a_server_without_the_receiver_is_refused_at_start(server, model_path):
-    """sync.method=broadcast needs asymre's worker extension in the server (one worker): without it, or with two
-    workers, the generator refuses at start-up, naming what to run; the disk method never asks."""
+    """sync.method=broadcast needs asymre's worker extension in the server (one worker, on the learner's kind of device:
+    NCCL on GPUs, gloo on CPUs): without it, without the dev endpoints, with two workers, or on a GPU while the learner
+    is on a CPU, the generator refuses at start-up, naming what to change; the disk method never asks."""
     with pytest.raises(RuntimeError, match=r"--worker-extension-cls asymre\.rollout\.vllm_receiver\.WeightReceiver"):
         RemoteVLLMGenerator(server, model_path, stream_weights=True)
     RemoteVLLMGenerator(server, model_path)  # disk: no receiver needed
-    _Handler.receiver = ["1", "1"]
-    with pytest.raises(RuntimeError, match=r"answered \['1', '1'\], expected \['1'\] \(one worker, tensor_parallel_size=1"):
+    _Handler.receiver = "404"
+    with pytest.raises(RuntimeError, match=r"VLLM_SERVER_DEV_MODE=1 \(its /collective_rpc endpoint answered 404\)"):
         RemoteVLLMGenerator(server, model_path, stream_weights=True)
-    _Handler.receiver = ["1"]
+    _Handler.receiver = [{"protocol": PROTOCOL, "device": "cpu"}] * 2
+    with pytest.raises(RuntimeError, match=r"expected one worker's \{'protocol': \d+, \.\.\.\} \(tensor_parallel_size=1"):
+        RemoteVLLMGenerator(server, model_path, stream_weights=True)
+    _Handler.receiver = [{"protocol": PROTOCOL, "device": "cuda"}]  # this machine (the learner's) has no GPU
+    with pytest.raises(RuntimeError, match=r"runs on cuda but the learner on cpu: .* use sync.method=disk"):
+        RemoteVLLMGenerator(server, model_path, stream_weights=True)
+    _Handler.receiver = [{"protocol": PROTOCOL, "device": "cpu"}]
     assert RemoteVLLMGenerator(server, model_path, stream_weights=True).version == 0

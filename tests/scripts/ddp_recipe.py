@@ -50,11 +50,12 @@ def main() -> None:
 
     recipe.learner.train_step = recording_step
     recipe.train()
-    final = recipe.learner.full_state_dict()
+    final = recipe.learner.full_state_dict(everywhere=True)  # every rank's engine got them (under FSDP too)
     engine, executor, engine_device = recipe.rollout.engine, None, None  # after finish(): the final policy, pushed to this rank's engine
     if hasattr(engine, "llm"):  # vLLM: its packed CPU layers cannot be read back, its embedding (loaded in place) can
         embedding = engine.llm.collective_rpc(_embedding)[0]
-        engine_diff = (embedding.float() - final["model.embed_tokens.weight"].float()).abs().max().item()
+        expected = final["model.embed_tokens.weight"].to(embedding.dtype)  # a bf16 engine holds float32 master weights rounded
+        engine_diff = (embedding.float() - expected.float()).abs().max().item()
         executor = engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
         engine_device = str(engine.llm.collective_rpc(_device)[0])
     else:
