@@ -19,7 +19,7 @@ def make_generator(backend: str, model_path: str, *, dtype: str = "float32", see
                    max_prompt_tokens: int = 1024, gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0,
                    device: str | None = None, server_url: str | None = None, chat_template_kwargs: dict | None = None,
                    api_key_env: str | None = None, sleep_level: int = 0, stream_weights: bool = False,
-                   external_launcher: bool = False, push_timeout_s: float = 300.0) -> Generator:
+                   external_launcher: bool = False, sync_timeout_s: float = 300.0) -> Generator:
     """Build one generator. Picklable arguments only, so worker processes can call it too.
     `backend` may also be a dotted path 'pkg.module:factory' to a user's own backend, called with
     (model_path, dtype=..., seed=...), plus chat_template_kwargs=... when task.chat_template_kwargs is set,
@@ -34,7 +34,7 @@ def make_generator(backend: str, model_path: str, *, dtype: str = "float32", see
         from asymre.rollout.remote import RemoteVLLMGenerator
 
         return RemoteVLLMGenerator(server_url, model_path, max_prompt_tokens=max_prompt_tokens, chat_template_kwargs=chat_template_kwargs,
-                                   api_key_env=api_key_env, stream_weights=stream_weights, push_timeout_s=push_timeout_s)
+                                   api_key_env=api_key_env, stream_weights=stream_weights, sync_timeout_s=sync_timeout_s)
     if backend == "vllm":
         from asymre.rollout.vllm_engine import VLLMGenerator
 
@@ -68,7 +68,7 @@ def generator_from_config(cfg, model_path: str, rank: int = 0, server_url: str |
                           api_key_env=ro.server_api_key_env if server_url else None,
                           sleep_level=ro.sleep_level if ro.mode == "colocated" else 0,
                           stream_weights=bool(server_url) and cfg.sync.method == "broadcast", external_launcher=world > 1,
-                          push_timeout_s=cfg.sync.timeout_s)
+                          sync_timeout_s=cfg.sync.timeout_s)
 
 
 def check_rollout_config(cfg) -> None:

@@ -34,7 +34,7 @@ class RemoteVLLMGenerator:
 
     def __init__(self, url: str, model_path: str, max_prompt_tokens: int = 1024, timeout_s: float = 600.0,
                  chat_template_kwargs: dict | None = None, api_key_env: str | None = None, stream_weights: bool = False,
-                 push_timeout_s: float = 300.0):
+                 sync_timeout_s: float = 300.0):
         self.url = url.rstrip("/")
         self._headers = {"Content-Type": "application/json"}
         if api_key_env:
@@ -51,7 +51,7 @@ class RemoteVLLMGenerator:
         self.timeout_s = timeout_s
         # the channel's requests stay open while the tensors stream; the channel's own timeout (sync.timeout_s) ends a
         # stalled one first, twice over: a server may still be finishing a failed push's wait before it answers
-        self.push_timeout_s = 2 * push_timeout_s + 60
+        self.push_timeout_s = 2 * sync_timeout_s + 60
         self.version = 0
         self.model_name = self._post_get("/v1/models")["data"][0]["id"]
         self._check_server_version()
@@ -61,9 +61,8 @@ class RemoteVLLMGenerator:
     def _check_receiver(self) -> None:
         """sync.method=broadcast: the server must run asymre's worker extension, with one worker (the channel has
         one member on the server's side), speaking this protocol."""
-        import torch
-
         from asymre.rollout.vllm_receiver import PROTOCOL, RECEIVER
+        from asymre.sync import torch_cuda_available
 
         try:
             answers = self._rpc("asymre_receiver")
@@ -76,7 +75,7 @@ class RemoteVLLMGenerator:
             raise RuntimeError(f"vLLM server {self.url}: its asymre receiver answered {answers}, expected one worker's "
                                f"{{'protocol': {PROTOCOL}, ...}} (tensor_parallel_size=1, and the same asymre version as the "
                                f"learner); else use sync.method=disk")
-        here = "cuda" if torch.cuda.is_available() else "cpu"  # the learner's machine: the channel is NCCL on a GPU
+        here = "cuda" if torch_cuda_available() else "cpu"  # the learner's machine: WeightSync picks NCCL on a GPU
         if answers[0].get("device") != here:
             raise RuntimeError(f"vLLM server {self.url} runs on {answers[0].get('device')} but the learner on {here}: a weight "
                                f"channel needs both on GPUs (NCCL) or both on CPUs (gloo); use sync.method=disk")

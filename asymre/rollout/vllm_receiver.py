@@ -30,17 +30,15 @@ class WeightReceiver:
     def asymre_receiver(self) -> dict:
         """The protocol this server speaks and its device type (the learner checks both, and that exactly one worker
         answered): the channel is NCCL when the learner is on a GPU, so the server's worker must be too."""
-        import torch
+        from asymre.sync import torch_cuda_available
 
-        return {"protocol": PROTOCOL, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+        return {"protocol": PROTOCOL, "device": "cuda" if torch_cuda_available() else "cpu"}
 
     def asymre_open_channel(self, host: str, port: int, backend: str, timeout_s: float, secret: str) -> bool:
         """Join the learner's channel as its rank 1 (a channel left from an earlier learner worker is closed first)."""
-        import torch
+        from asymre.sync import WeightChannel, torch_cuda_available
 
-        from asymre.sync import WeightChannel
-
-        if backend == "nccl" and not torch.cuda.is_available():
+        if backend == "nccl" and not torch_cuda_available():
             raise RuntimeError("the learner streams its weights over NCCL (it is on a GPU), but this vLLM server has no GPU: "
                                "use sync.method=disk")
         self.asymre_close_channel()
