@@ -227,11 +227,14 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(lc.lr_schedule, lc.warmup_steps, lc.steps))
         _configure_deepspeed(cfg, accelerator)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        if accelerator.native_amp:
-            # accelerate 1.15 `prepare_model` wraps the forward in its autocast and converts every output to float32: a
-            # float32 copy of the [tokens, vocab] logits, twice the bf16 tensor the chunked log-probs were built to avoid.
-            # The bare forward comes back; `_autocast` enters the same autocast around each call instead.
-            bare = self.unwrapped()
+        bare = self.unwrapped()
+        if accelerator.native_amp and "_original_forward" in vars(bare):
+            # accelerate 1.16 `prepare_model` (accelerator.py, `if self.native_amp: model._original_forward = ...`) wraps
+            # the forward in its autocast and converts every output to float32: a float32 copy of the [tokens, vocab]
+            # logits, twice the bf16 tensor the chunked log-probs were built to avoid. The bare forward comes back;
+            # `_autocast` enters the same autocast around each call instead. FSDP2 never goes through `prepare_model`
+            # (`_prepare_fsdp2` -> fsdp_utils.py `fsdp2_prepare_model`, whose MixedPrecisionPolicy casts instead): its
+            # model has no wrapped forward to undo, though `native_amp` is True for bf16 there too.
             bare.forward = bare._original_forward
         self.tokenizer = tokenizer  # saved with the final model
         # left padding: any id works (padded positions are masked); the tokenizer's own pad (or EOS) id reads best
@@ -241,6 +244,13 @@ class Learner:
         plugin = accelerator.state.deepspeed_plugin
         self.zero3 = plugin is not None and plugin.zero_stage == 3
         self.running = RunningBaseline(cfg.loss.running_momentum)
+        # Accumulation without a reduction between micro-batches (accelerate's no_sync) under DDP and ZeRO-1; not under
+        # FSDP2, where accelerate 1.16's no_sync is `set_requires_gradient_sync(False)` and torch 2.13 then keeps every
+        # gradient unsharded until the last micro-batch (_fsdp_param_group.py post_backward: `if not self.reduce_grads:
+        # ... to_accumulated_grad_if_needed()`, an unsharded_accumulated_grad per parameter): a whole model of gradients
+        # on each rank. Reduce-scattering each micro-batch keeps them sharded (torchtitan's default) at one
+        # reduce-scatter per micro-batch.
+        self.skip_sync = accelerator.num_processes > 1 and not accelerator.is_fsdp2
         self.step = 0  # learner version: the number of optimiser steps taken
         self.last_batch: StepBatch | None = None  # the last step's samples and advantages (completions log)
 
@@ -410,7 +420,7 @@ class Learner:
                 # DeepSpeedEngineWrapper.backward), so only the last micro-batch may set it; Accelerate's optimizer
                 # wrapper likewise steps only when it is set.
                 acc.gradient_state._set_sync_gradients(last)
-                ctx = acc.no_sync(self.model) if (not last and acc.num_processes > 1) else nullcontext()
+                ctx = acc.no_sync(self.model) if (not last and self.skip_sync) else nullcontext()
                 with ctx:
                     t1 = time.perf_counter()
                     loss, m = self._micro_loss(batch, idx, normalizer)

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,3 +161,24 @@ def test_two_colocated_ranks_each_build_their_own_vllm_engine(tmp_path):
     assert ranks[0]["after"] == ranks[1]["after"] != ranks[0]["before"]
     assert ranks[0]["prompts"] != ranks[1]["prompts"]
     assert all(r["engine_diff"] == 0 for r in ranks), [r["engine_diff"] for r in ranks]
+
+
+def test_fsdp2_bf16_learner_starts_and_steps_on_two_ranks(tmp_path):
+    """`Learner.__init__` under accelerate's FSDP2 plugin with bf16 mixed precision (recipes/accelerate/fsdp.yaml) used
+    to crash before the first step (it undid a forward wrapper that FSDP2's prepare never makes). Two real processes
+    (torchrun, gloo): accelerate 1.16 enables FSDP for GPU process types only, so the script puts FSDP2's plugin state in
+    place by hand and the rest (prepare, fully_shard on a CPU mesh, bf16 autocast) is accelerate's and torch's own. The
+    step runs several micro-batches, each reduce-scattered (no unsharded accumulated gradients)."""
+    model = tmp_path / "model"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(model)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29538", "tests/scripts/fsdp2_learner.py", str(tmp_path),
+                           str(model)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for r in (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)):
+        assert r["fsdp2"] and r["native_amp"] and r["sharded"], r  # the path of a bf16 FSDP2 launch on GPUs
+        assert r["loss_finite"] and r["changed"] == r["tensors"] and r["micro_batches"] > 1 and r["reduce_each_micro_batch"], r
