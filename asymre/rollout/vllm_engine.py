@@ -98,10 +98,18 @@ class VLLMGenerator:
         """Release the engine's GPU memory for the learner until the next push or round (rollout.sleep_level). vLLM
         0.32 `LLM.sleep`: level 1 offloads the weights to host memory and discards the KV cache; level 2 discards
         both. `load_weights` wakes the weights alone (a push fills them: TRL's colocate mode does the same), the
-        next `generate` whatever still sleeps (`LLM.wake_up(tags)`, tags "weights" and "kv_cache")."""
-        if self.sleep_level and not self.asleep:
-            self.llm.sleep(level=self.sleep_level)
-            self.asleep = {"weights", "kv_cache"}
+        next `generate` whatever still sleeps (`LLM.wake_up(tags)`, tags "weights" and "kv_cache"). Whatever is awake
+        goes back to sleep, also when only part of it is (a push woke the weights, no round followed): vLLM 0.32's
+        `Executor.sleep` (v1/executor/abstract.py) returns at once only while "weights" sleeps, and the allocator's
+        `CuMemAllocator.sleep` (device_allocator/cumem.py) skips allocations already asleep, so `LLM.sleep` puts the
+        awake weights to sleep beside a sleeping KV cache. With the weights asleep and the cache awake (no path of
+        ours leaves that) it would do nothing: the weights are woken first."""
+        if not self.sleep_level or self.asleep >= {"weights", "kv_cache"}:
+            return
+        if "weights" in self.asleep:
+            self._wake("weights")
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = {"weights", "kv_cache"}
 
     def _wake(self, *tags: str) -> None:
         todo = [t for t in tags if t in self.asleep]
@@ -178,8 +186,10 @@ def _engine_worker(worker):
 
 
 def _engine_model(worker):
-    worker = _engine_worker(worker)
-    return worker.model_runner.model if hasattr(worker, "model_runner") else worker.get_model()
+    """The engine's model itself. vLLM 0.32 `Worker.get_model` -> `GPUModelRunner.get_model` (v1/worker/gpu_worker.py,
+    gpu_model_runner.py; the CPU worker and runner inherit both) unwraps a CUDA-graph wrapper (CUDAGraphWrapper,
+    UBatchWrapper): on a GPU, where engines run with CUDA graphs, `model_runner.model` may be the wrapper."""
+    return _engine_worker(worker).get_model()
 
 
 def _processed_layers(model):

@@ -62,6 +62,45 @@ class _SleepyLLM:
         return []
 
 
+class _ExecutorSleep(_SleepyLLM):
+    """vLLM 0.32's sleep bookkeeping (v1/executor/abstract.py, Executor.sleep / wake_up): `sleep` does nothing while
+    "weights" sleeps, else every allocation ends asleep; `wake_up` wakes the tags named."""
+
+    def __init__(self):
+        super().__init__()
+        self.sleeping: set[str] = set()
+
+    def sleep(self, level):
+        super().sleep(level)
+        if "weights" not in self.sleeping:
+            self.sleeping |= {"weights", "kv_cache"}
+
+    def wake_up(self, tags=None):
+        super().wake_up(tags)
+        self.sleeping -= set(tags)
+
+
+def test_a_half_awake_engine_goes_fully_back_to_sleep():
+    """A push after a sleep wakes the weights alone; when no round follows before the learner trains again (a push due
+    with the engine not generating, or an evaluation swap), the next sleep must release the weights too: skipping it
+    because part of the engine still sleeps kept the weights on the GPU through the learner's step."""
+    from asymre.rollout.vllm_engine import VLLMGenerator
+
+    engine = VLLMGenerator.__new__(VLLMGenerator)
+    engine.llm, engine.sleep_level, engine.asleep, engine.fast_refresh, engine.version = _ExecutorSleep(), 1, set(), None, 0
+    engine.sleep()
+    engine.load_weights([], 1)  # wakes the weights only
+    assert engine.llm.sleeping == {"kv_cache"}
+    engine.sleep()
+    assert engine.llm.sleeping == {"weights", "kv_cache"} and engine.asleep == {"weights", "kv_cache"}
+    calls = len(engine.llm.calls)
+    engine.sleep()  # fully asleep: nothing more
+    assert len(engine.llm.calls) == calls
+    engine.asleep = engine.llm.sleeping = {"weights"}  # the cache awake beside sleeping weights: woken, then all asleep
+    engine.sleep()
+    assert engine.llm.sleeping == {"weights", "kv_cache"} and engine.llm.calls[-2:] == [("wake_up", ("weights",)), ("sleep", 1)]
+
+
 def test_sleep_mode_wakes_the_weights_for_a_push_and_the_cache_for_a_round():
     """rollout.sleep_level: the engine sleeps while the learner trains; a push wakes only the weights (it fills them;
     the KV cache stays released), the next round wakes the cache and resets the prefix cache it dropped."""
