@@ -7,6 +7,7 @@ template, so every backend samples from exactly the same token ids.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -38,6 +39,15 @@ class SamplingSpec:
         if name == "paper":
             return SamplingSpec(n=n, temperature=0.1, top_p=0.95, max_new_tokens=max_new_tokens, seed=seed, extra=dict(extra or {}))
         raise ValueError(f"unknown sampling preset {name!r}; expected 'greedy' or 'paper'")
+
+
+def derive_seed(*parts: int) -> int:
+    """A 62-bit seed from integers (blake2b of them): the seed of one round from (run seed, rank, round), of one request
+    from (round seed, prompt index). vLLM 0.32 gives the samples of a request with seed S the seeds S, S+1, ...
+    (v1/engine/parallel_sampling.py), so neighbouring integers would share samples; hashed seeds are 2^62 apart on
+    average. A round and its requests are reproducible from their parts, so a resumed run draws the same samples."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 @runtime_checkable

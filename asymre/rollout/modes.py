@@ -28,7 +28,7 @@ from asymre.data import Prompt, TrajectoryGroup
 from asymre.loss import NEEDS_BEHAVIOUR_LOGPROBS
 from asymre.rewards import RewardScorer
 from asymre.rollout import generator_from_config
-from asymre.rollout.base import Generator, SamplingSpec
+from asymre.rollout.base import Generator, SamplingSpec, derive_seed
 from asymre.rollout.worker import PoolEngine, WorkerPool
 from asymre.sync import WeightSync
 from asymre.tasks import PromptStream
@@ -71,6 +71,7 @@ class Rollout:
         self.buffer = ReplayBuffer.from_config(cfg, buffer_ranks)
         self.prompts = PromptStream(train_prompts, cfg.task.seed, *shard)
         self.rounds = 0  # generation rounds requested so far: each round's sampling seed follows from it
+        self.rank = shard[0]  # this rank's index among the ranks that generate
         ro = cfg.rollout
         self.train_spec = SamplingSpec(n=ro.group_size, temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
                                        logprobs=cfg.loss.name in NEEDS_BEHAVIOUR_LOGPROBS, extra=dict(ro.generation_kwargs))
@@ -78,8 +79,9 @@ class Rollout:
     def _spec(self) -> SamplingSpec:
         self.rounds += 1
         s = self.train_spec
-        return SamplingSpec(s.n, s.temperature, s.top_p, s.max_new_tokens, self.cfg.rollout.seed * 1000003 + self.rounds, s.logprobs,
-                            s.extra)
+        # the round's seed differs on every rank (each colocated rank samples its own prompts with its own engine)
+        return SamplingSpec(s.n, s.temperature, s.top_p, s.max_new_tokens, derive_seed(self.cfg.rollout.seed, self.rank, self.rounds),
+                            s.logprobs, s.extra)
 
     # ---- the interface -----------------------------------------------------------------------------
     def next_groups(self, learner_step: int) -> tuple[list[TrajectoryGroup], dict[str, float]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.models import load_tokenizer
-from asymre.rollout.base import SamplingSpec, check_groups, encode_prompts
+from asymre.rollout.base import SamplingSpec, check_groups, derive_seed, encode_prompts
 
 MAX_IN_FLIGHT = 64  # concurrent requests a round keeps open to one server
 
@@ -121,18 +121,18 @@ class RemoteVLLMGenerator:
         if not ids:
             return []
         with ThreadPoolExecutor(max_workers=min(MAX_IN_FLIGHT, len(ids))) as pool:
-            groups = list(pool.map(lambda args: self._one(*args, spec), zip(prompts, ids)))
+            groups = list(pool.map(lambda args: self._one(*args, spec), zip(range(len(ids)), prompts, ids)))
         problem = check_groups(groups, prompts, spec, self.vocab_size)
         if problem:
             raise RuntimeError(f"vLLM server {self.url} returned malformed completions: {problem}")
         return groups
 
-    def _one(self, p: Prompt, pid: list[int], spec: SamplingSpec) -> TrajectoryGroup:
+    def _one(self, index: int, p: Prompt, pid: list[int], spec: SamplingSpec) -> TrajectoryGroup:
         body = {"model": self.model_name, "prompt": pid, "n": spec.n, "max_tokens": spec.max_new_tokens,
                 "temperature": spec.temperature, "top_p": spec.top_p if spec.temperature > 0 else 1.0,
                 "return_token_ids": True, "skip_special_tokens": True}
         if spec.seed is not None:
-            body["seed"] = spec.seed
+            body["seed"] = derive_seed(spec.seed, index)  # each request its own (as VLLMGenerator.generate)
         if spec.logprobs:
             body["logprobs"] = 0
         body.update(spec.extra)  # vLLM's server takes its extra sampling parameters in the same body

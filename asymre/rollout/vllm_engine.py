@@ -24,7 +24,7 @@ import torch
 
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.models import load_tokenizer
-from asymre.rollout.base import SamplingSpec, Weights, encode_prompts, eos_token_ids
+from asymre.rollout.base import SamplingSpec, Weights, derive_seed, encode_prompts, eos_token_ids
 
 # The vLLM minor versions this module was checked against: `LLM.collective_rpc` with a callable, `reload_weights`
 # taking a weights iterator, `is_deferred_attention_layer`, the file-based rendezvous, `sleep`/`wake_up(tags)`.
@@ -124,9 +124,12 @@ class VLLMGenerator:
 
         self._wake("weights", "kv_cache")
         greedy = spec.temperature == 0.0
-        params = SamplingParams(n=spec.n, temperature=0.0 if greedy else spec.temperature, top_p=1.0 if greedy else spec.top_p,
-                                max_tokens=spec.max_new_tokens, seed=spec.seed, logprobs=0 if spec.logprobs else None, **spec.extra)
         ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.chat_template_kwargs)
+        # one SamplingParams per prompt, each with its own seed: one params object for all would give sample i of every
+        # prompt the same seed (spec.seed + i), so two copies of a prompt in one round came back as identical groups
+        params = [SamplingParams(n=spec.n, temperature=0.0 if greedy else spec.temperature, top_p=1.0 if greedy else spec.top_p,
+                                 max_tokens=spec.max_new_tokens, seed=None if spec.seed is None else derive_seed(spec.seed, i),
+                                 logprobs=0 if spec.logprobs else None, **spec.extra) for i in range(len(ids))]
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         groups = []
         for p, pid, out in zip(prompts, ids, outs):

@@ -104,3 +104,21 @@ def test_an_evaluation_right_after_a_push_gathers_no_weights(rollout, monkeypatc
     with rollout.evaluation_engine(5) as engine:
         groups = engine.generate(_prompts(2, "e"), SamplingSpec(n=1, temperature=0.0, max_new_tokens=8))
     assert len(gathers) == 2 and {g.version for g in groups} == {5}
+
+
+def test_round_seeds_differ_by_rank_and_round_and_repeat_by_run_seed():
+    """Each colocated rank samples its own prompts: a round seed that ignored the rank gave sample i of every rank the
+    same random numbers. The seed follows from (rollout.seed, rank, round) alone, so a resumed run repeats it."""
+    from asymre.rollout.base import derive_seed
+    from asymre.rollout.modes import Rollout
+
+    def seeds(rank, run_seed=0, rounds=3):
+        r = Rollout.__new__(Rollout)
+        r.cfg, r.rank, r.rounds = load_config(None, [f"rollout.seed={run_seed}"]), rank, 0
+        r.train_spec = SamplingSpec(n=2)
+        return [r._spec().seed for _ in range(rounds)]
+
+    assert seeds(0) == seeds(0) and len(set(seeds(0))) == 3
+    assert not set(seeds(0)) & set(seeds(1))
+    assert seeds(0, run_seed=1) != seeds(0)
+    assert seeds(1)[0] == derive_seed(0, 1, 1) and all(0 <= s < 2**62 for s in seeds(1))

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from asymre.config import load_config
-from asymre.rollout.base import SamplingSpec
+from asymre.rollout.base import SamplingSpec, derive_seed
 from asymre.rollout.remote import RemoteVLLMGenerator
 from asymre.rollout.vllm_receiver import PROTOCOL
 from asymre.tasks import build_task
@@ -96,7 +96,10 @@ def test_remote_generate_and_weight_push(server, model_path, tmp_path):
     # concurrent requests arrive in any order; each group still answers its own prompt
     assert sorted(r["prompt"] for r in reqs) == sorted(g.prompt_ids for g in groups) and groups[0].prompt_ids != groups[1].prompt_ids
     req = reqs[0]
-    assert req["n"] == 3 and req["seed"] == 4 and req["max_tokens"] == 8 and req["logprobs"] == 0
+    assert req["n"] == 3 and req["max_tokens"] == 8 and req["logprobs"] == 0
+    # each request its own seed, from the round's seed and the prompt's index (copies of a prompt sample apart)
+    by_prompt = {tuple(r["prompt"]): r["seed"] for r in reqs}
+    assert [by_prompt[tuple(g.prompt_ids)] for g in groups] == [derive_seed(4, 0), derive_seed(4, 1)]
 
     gen.load_weights(str(tmp_path), version=7)
     rpc = [c for c in _Handler.calls if c[1] == "/collective_rpc"][0][2]

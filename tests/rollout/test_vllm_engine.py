@@ -198,3 +198,18 @@ def test_generation_kwargs_reach_the_engine(engine):
     assert any(" " in t.text.strip() for t in plain)  # without the stop string the model writes on past a space
     for p, s in zip(plain, stopped):
         assert s.text == p.text.split(" ")[0] and s.finish_reason == "stop", (p.text, s.text)
+
+
+def test_each_request_draws_its_own_samples_and_a_seed_repeats_them(engine):
+    """Two copies of one prompt in one round give different groups (each request its own seed: with one
+    SamplingParams for all, sample i of every prompt drew seed S + i and the copies came back identical), and the
+    same round seed gives the same samples again (runs reproduce, resume is bit-exact)."""
+    train, _ = build_task(load_config("recipes/configs/smollm2_arithmetic_cpu.yaml").task)
+    spec = SamplingSpec(n=4, temperature=1.0, max_new_tokens=12, seed=1234)
+    first = engine.generate([train[0], train[0], train[1]], spec)
+    again = engine.generate([train[0], train[0], train[1]], spec)
+    ids = lambda groups: [[t.completion_ids for t in g.trajectories] for g in groups]  # noqa: E731
+    assert ids(first)[0] != ids(first)[1], "two copies of one prompt drew the same samples"
+    assert ids(first) == ids(again)
+    other = engine.generate([train[0]], SamplingSpec(n=4, temperature=1.0, max_new_tokens=12, seed=1235))
+    assert ids(other)[0] != ids(first)[0]
