@@ -15,7 +15,7 @@ from pathlib import Path
 
 from asymre.checkpoint import COMPLETE
 from asymre.config import InputError
-from asymre.lora import is_peft_state, merge_lora, scaling
+from asymre.lora import conv1d_modules, is_peft_state, merge_lora, scaling
 
 
 class ExportError(InputError):
@@ -50,7 +50,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, behaviour: bool =
     state = load_file(str(weights_file))
     if is_peft_state(state):  # a LoRA run's learner: the adapters merged into the base weights
         lora = config["model"]["lora"]
-        state = merge_lora(state, scaling(lora["alpha"], lora["rank"]))
+        state = merge_lora(state, scaling(lora["alpha"], lora["rank"]), conv1d_modules(model))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

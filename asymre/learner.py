@@ -38,7 +38,7 @@ from asymre.advantages import ADVANTAGES
 from asymre.baselines import RunningBaseline
 from asymre.config import Config, ConfigError
 from asymre.data import TrajectoryGroup
-from asymre.lora import apply_lora, merge_lora, scaling
+from asymre.lora import apply_lora, merge_lora, scaling, transposed_modules
 from asymre.loss import LOSSES, NEEDS_BEHAVIOUR_LOGPROBS, token_logprobs_and_entropy
 from asymre.models import load_model, torch_dtype
 
@@ -217,8 +217,10 @@ class Learner:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
         self.lora = cfg.model.lora if cfg.model.lora.rank > 0 else None
+        self.lora_transposed: frozenset[str] = frozenset()  # adapted Conv1D modules (weights [in, out])
         if self.lora is not None:
             model = apply_lora(model, self.lora)
+            self.lora_transposed = transposed_modules(model)  # refuses an adapter merge_lora cannot merge
         if cfg.loss.name not in LOSSES or cfg.loss.name not in ADVANTAGES:
             raise ValueError(f"unknown loss.name {cfg.loss.name!r}; expected one of {sorted(LOSSES)}")
         lc = cfg.learner
@@ -472,7 +474,9 @@ class Learner:
     def _as_base_model(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The trained state under the base model's names: LoRA's adapters merged in (an empty state, FSDP's on other
         ranks than the main one, stays empty)."""
-        return merge_lora(state, scaling(self.lora.alpha, self.lora.rank)) if self.lora is not None and state else state
+        if self.lora is None or not state:
+            return state
+        return merge_lora(state, scaling(self.lora.alpha, self.lora.rank), self.lora_transposed)
 
     def _trained_state(self, everywhere: bool = False) -> dict[str, torch.Tensor]:
         """The prepared model's own state, gathered (a peft model's names under LoRA); on every rank under ZeRO-3, and

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from asymre.config import ConfigError
-from asymre.lora import merge_lora
+from asymre.lora import merge_lora, scaling
 from tests.test_learner import _groups, _learner, tiny_model_path  # noqa: F401 - the fixture is used by name
 from tests.test_offpolicy_checkpoint import tiny_llm  # noqa: F401 - the fixture is used by name
 
@@ -99,3 +99,73 @@ def test_a_lora_run_pushes_merged_weights_and_its_checkpoint_exports_them(tmp_pa
     out = export_checkpoint(run / "checkpoints" / "step-000002", tmp_path / "exported")
     exported = load_file(str(out / "model.safetensors"))
     assert exported.keys() == merged.keys() and all(torch.allclose(exported[k], final[k], atol=1e-6) for k in exported)
+
+
+def _randomised_adapters(peft_model) -> None:
+    """peft starts lora_B (and lora_embedding_A) at zero, so an untrained merge equals the base: give every adapter
+    weight random values so a wrong merge shows."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p))
+
+
+def _peft_merged(peft_model) -> dict[str, torch.Tensor]:
+    import copy
+
+    return {k: v for k, v in copy.deepcopy(peft_model).merge_and_unload().state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["gpt2_conv1d", "llama_embedding_tied"])
+def test_merge_equals_peft_merge_for_conv1d_and_embedding_adapters(kind):
+    """Conv1D layers (GPT-2, weights stored [in, out]: peft's fan_in_fan_out) and embeddings (lora_embedding_A/B) merge
+    as peft's own merge_and_unload does, a tied lm_head included: merging them as nn.Linear pushed wrong weights to
+    vLLM (or, for a square Conv1D, silently transposed ones). Tiny models made in the test, every adapter random."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from asymre.lora import conv1d_modules, transposed_modules
+
+    torch.manual_seed(0)
+    if kind == "gpt2_conv1d":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0))
+        targets = ["c_attn", "c_proj", "c_fc"]  # c_proj is square: a missing transpose keeps the shape
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                             num_key_value_heads=2, tie_word_embeddings=True))
+        targets = ["embed_tokens", "q_proj"]
+    base_conv1d = conv1d_modules(model)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets, fan_in_fan_out=kind == "gpt2_conv1d"))
+    _randomised_adapters(peft_model)
+    transposed = transposed_modules(peft_model)
+    assert transposed == (base_conv1d & transposed) and bool(transposed) == (kind == "gpt2_conv1d")
+    ours = merge_lora(peft_model.state_dict(), scaling(4, 2), transposed)
+    reference = _peft_merged(peft_model)
+    assert set(ours) == set(reference), set(ours) ^ set(reference)
+    for k in reference:
+        assert torch.allclose(ours[k], reference[k], atol=1e-5), k
+    if kind == "gpt2_conv1d":
+        assert merge_lora(peft_model.state_dict(), scaling(4, 2), base_conv1d).keys() == ours.keys()  # export's way, the same
+        with pytest.raises(ValueError, match=r"LoRA merge of transformer\.h\.0\.attn\.c_attn"):
+            merge_lora(peft_model.state_dict(), scaling(4, 2))  # merged as linear: refused, never pushed wrong
+    else:
+        emb, head = "model.embed_tokens.weight", "lm_head.weight"
+        assert head in ours and torch.equal(ours[head], ours[emb])  # the tied head got the merged embedding
+
+
+def test_an_adapter_merge_cannot_compute_is_refused_naming_the_module():
+    """A target peft adapts with a layer type asymre's merge does not cover (here a Conv2d) is refused at start-up,
+    naming the module, instead of pushing unmerged weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from asymre.lora import transposed_modules
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3)
+            self.lin = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules: conv is a Conv2d"):
+        transposed_modules(get_peft_model(Net(), LoraConfig(r=1, target_modules=["conv", "lin"])))
