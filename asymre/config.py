@@ -165,6 +165,9 @@ class SyncConfig:
     channel_host: str = _f("127.0.0.1", "Address the 'broadcast' weight channel listens on (loopback: workers run on this machine; "
                                         "a remote server needs an address it reaches); a peer must prove the channel's secret "
                                         "before it joins.")
+    bucket_mb: float = _f(64.0, "'broadcast' sends the weights packed into buckets of this many MiB (cast to model.dtype), "
+                                 "double-buffered: the next bucket is packed while this one is on the wire. Each end holds two "
+                                 "buckets at a time.", "(0, inf)")
 
 
 @dataclass

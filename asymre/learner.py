@@ -148,7 +148,15 @@ def _configure_deepspeed(cfg: Config, accelerator) -> None:
                           f"{cfg.learner.max_grad_norm:g}: DeepSpeed clips inside its step, so make them equal")
 
 
-def _gather_zero3(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _host(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A host copy of `t`, floating tensors in `dtype` when given (a gather for a push: the engine's dtype, half the
+    host memory of float32 masters for bf16; cast on the device before the copy, so no float32 host copy is made)."""
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.detach().to("cpu", copy=True)
+
+
+def _gather_zero3(module: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """ZeRO-3's partitioned weights, whole, on every rank (on the host), one module's parameters gathered at a time.
     DeepSpeed's own consolidation (engine._zero3_consolidated_16bit_state_dict in 0.19.8, which accelerate's
     get_state_dict calls) fills rank 0 alone and needs stage3_gather_16bit_weights_on_model_save. Tied weights keep
@@ -163,21 +171,23 @@ def _gather_zero3(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             for name, p in mod.named_parameters(recurse=False):
                 if p.ds_id not in first_name:
                     first_name[p.ds_id] = dot + name
-                    out[dot + name] = p.detach().to("cpu", copy=True)
+                    out[dot + name] = _host(p, dtype)
                 else:
                     out[dot + name] = out[first_name[p.ds_id]]
         for name, buf in mod.named_buffers(recurse=False):
             if name not in mod._non_persistent_buffers_set:
-                out[dot + name] = buf.detach().to("cpu", copy=True)
+                out[dot + name] = _host(buf, dtype)
     return out
 
 
-def gather_fsdp2(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_fsdp2(module: torch.nn.Module, dtype: torch.dtype | None = None, keep: bool = True) -> dict[str, torch.Tensor]:
     """FSDP2's sharded weights (DTensors), whole, on every rank (on the host), one tensor all-gathered at a time:
     accelerate 1.15's get_state_dict under FSDP2 (accelerator.py, Accelerator.get_state_dict) asks torch for
     StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True), which fills rank 0 alone, but
     each colocated rank's engine needs them. A tensor under two names (tied embeddings) is gathered once. Collective:
-    call on every rank, which walk the same state dict in the same order."""
+    call on every rank, which walk the same state dict in the same order. `dtype`: floating tensors kept in it (each
+    whole tensor is cast on the device before its host copy); `keep=False`: this rank takes part in the all-gathers and
+    keeps nothing (a push from the main process only: the other ranks hold no host copy at all)."""
     from torch.distributed.tensor import DTensor
 
     # which names are one parameter (tied): decided from the module's structure, the same on every rank (a rank's
@@ -192,7 +202,8 @@ def gather_fsdp2(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(t, DTensor) and t.device.type != t.device_mesh.device_type:
             t = t.to(t.device_mesh.device_type)  # offloaded shards (fsdp_offload_params) gather on the mesh's device
         whole = t.full_tensor() if isinstance(t, DTensor) else t
-        out[name] = whole.detach().to("cpu", copy=True)
+        if keep:
+            out[name] = _host(whole, dtype)
         del whole
     return out
 
@@ -465,30 +476,46 @@ class Learner:
         return max((int(s["step"]) for s in opt.state.values() if "step" in s), default=0)
 
     # ---- weights out -----------------------------------------------------------------------------
-    def full_state_dict(self, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, everywhere: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Hugging Face-named full weights (gathered under FSDP/DeepSpeed; under LoRA merged into the base model's
         names). Collective: call on every rank. Under ZeRO-3 every rank gets them; under FSDP only the main process,
-        unless `everywhere` (each colocated rank's engine needs them)."""
-        return self._as_base_model(self._trained_state(everywhere))
+        unless `everywhere` (each colocated rank's engine needs them). `dtype` (a push's: the engines'): where weights
+        are gathered into host copies (FSDP2, ZeRO-3, LoRA's merged layers) those copies are made in it, never in
+        float32 first; where the state is the live parameters themselves (DDP, ZeRO-1/2, one process) they are handed
+        over as they are, and the engine's loader (or the channel, bucket by bucket) casts them, one tensor at a time.
+        Either way the engine ends up with the same weights."""
+        if self.lora is not None:  # merged at full precision (W + s * B @ A, then rounded once), as peft's merge is
+            return self._as_base_model(self._trained_state(everywhere), dtype)
+        return self._trained_state(everywhere, dtype)
 
-    def _as_base_model(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _as_base_model(self, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The trained state under the base model's names: LoRA's adapters merged in (an empty state, FSDP's on other
-        ranks than the main one, stays empty)."""
+        ranks than the main one, stays empty); merged weights stored in `dtype` if given."""
         if self.lora is None or not state:
             return state
-        return merge_lora(state, scaling(self.lora.alpha, self.lora.rank), self.lora_transposed)
+        return merge_lora(state, scaling(self.lora.alpha, self.lora.rank), self.lora_transposed, dtype)
 
-    def _trained_state(self, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    def _trained_state(self, everywhere: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The prepared model's own state, gathered (a peft model's names under LoRA); on every rank under ZeRO-3, and
-        under FSDP when `everywhere`. Collective."""
+        under FSDP when `everywhere`. Collective. Host copies in `dtype` where it is given (see full_state_dict).
+
+        ZeRO-1/2 keep whole parameters on every rank, so their state is the module's own (references): accelerate
+        1.16's get_state_dict would clone every tensor to the host (accelerator.py `get_state_dict`, DeepSpeed branch:
+        clone_tensors_for_torch_save), a model's worth of host memory per rank for a push that needs none."""
         if self.zero3:
-            return _gather_zero3(self.unwrapped())
+            return _gather_zero3(self.unwrapped(), dtype)
         acc = self.accelerator
-        if everywhere and acc.num_processes > 1 and acc.distributed_type == DistributedType.FSDP:
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            return self.unwrapped().state_dict()
+        if acc.num_processes > 1 and acc.distributed_type == DistributedType.FSDP and (everywhere or dtype is not None):
             if not acc.is_fsdp2:
-                raise ConfigError("colocated engines on several FSDP ranks each need the whole weights: use fsdp_version: 2 "
-                                  "in the accelerate config (FSDP1's full state dict is gathered to rank 0 only here)")
-            return gather_fsdp2(self.unwrapped())
+                if everywhere:
+                    raise ConfigError("colocated engines on several FSDP ranks each need the whole weights: use fsdp_version: 2 "
+                                      "in the accelerate config (FSDP1's full state dict is gathered to rank 0 only here)")
+                return acc.get_state_dict(self.model)
+            # a push: every rank all-gathers one tensor at a time; the main process alone keeps them unless every rank
+            # feeds an engine of its own (get_state_dict would gather float32 to the main process's host)
+            return gather_fsdp2(self.unwrapped(), dtype, keep=everywhere or acc.is_main_process)
         return acc.get_state_dict(self.model)
 
     def unwrapped(self):

@@ -78,12 +78,14 @@ def conv1d_modules(model) -> frozenset[str]:
     return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
 
 
-def merge_lora(state: dict[str, torch.Tensor], scale: float, transposed: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+def merge_lora(state: dict[str, torch.Tensor], scale: float, transposed: frozenset[str] = frozenset(),
+               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A peft model's state (names under base_model.model., each adapted layer's base_layer and its lora_A / lora_B,
     or lora_embedding_A / lora_embedding_B) -> the base model's names and W + scale * delta, computed in float32 and
     stored in W's dtype: delta = B @ A for a linear layer, (B @ A)^T for a module in `transposed` (Conv1D) and for an
     embedding (peft's get_delta_weight). A tensor stored under another name too (a tied lm_head) gets the merged value
-    there as well, as peft's own merge gives it. A delta whose shape is not W's raises, naming the module."""
+    there as well, as peft's own merge gives it. A delta whose shape is not W's raises, naming the module. `dtype`: the
+    merged weights are stored in it instead of W's (rounded once, from the float32 sum)."""
     out: dict[str, torch.Tensor] = {}
     merged_by_storage: dict[int, torch.Tensor] = {}
     for key, value in state.items():
@@ -95,7 +97,7 @@ def merge_lora(state: dict[str, torch.Tensor], scale: float, transposed: frozens
             out[name] = value
             continue
         if leaf == "weight":
-            merged = (value.float() + scale * _delta(state, module, module in transposed)).to(value.dtype)
+            merged = (value.float() + scale * _delta(state, module, module in transposed)).to(dtype or value.dtype)
             merged_by_storage[value.data_ptr()] = merged
             value = merged
         out[f"{module}.{leaf}"] = value

@@ -28,13 +28,51 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+DEFAULT_BUCKET_MB = 64.0  # sync.bucket_mb's default
+
+
+def _bucket_bytes(bucket_mb: float) -> int:
+    """A bucket's size in bytes, a multiple of 16 (so every element size divides a bucket's start)."""
+    return max(16, int(bucket_mb * 2**20) // 16 * 16)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _bucket_plan(manifest: dict) -> tuple[int, list[tuple[int, int, list]]]:
+    """(the largest bucket's bytes, [(start, end, [(name, shape, dtype, offset, nbytes) overlapping it])] per bucket)
+    from a `WeightChannel.describe` manifest: the same on both ends of the channel."""
+    size = int(manifest["bucket_bytes"])
+    stream = []
+    for name, shape, dtype, alias, offset in manifest["tensors"]:
+        nbytes = _numel(shape) * getattr(torch, dtype).itemsize
+        if alias is None and nbytes:
+            stream.append((name, shape, dtype, offset, nbytes))
+    total = max((e[3] + e[4] for e in stream), default=0)
+    spans, j = [], 0
+    for lo in range(0, total, size):
+        hi = min(lo + size, total)
+        while j < len(stream) and stream[j][3] + stream[j][4] <= lo:
+            j += 1
+        members, m = [], j
+        while m < len(stream) and stream[m][3] < hi:
+            members.append(stream[m])
+            m += 1
+        spans.append((lo, hi, members))
+    return min(size, total), spans
+
 
 class SyncTimeout(TimeoutError):
     """A weight push or acknowledgement did not finish within sync.timeout_s."""
 
 
-def write_weights_folder(state_dict: dict[str, torch.Tensor], folder: str | Path) -> str:
-    """Atomically write `state_dict` as `folder/model.safetensors` (tied weights written once)."""
+def write_weights_folder(state_dict: dict[str, torch.Tensor], folder: str | Path, dtype: torch.dtype | None = None) -> str:
+    """Atomically write `state_dict` as `folder/model.safetensors`, floating tensors in `dtype` if given (the engine's:
+    it would cast them on loading anyway, so it holds the same weights from half the bytes of float32 masters)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
@@ -43,9 +81,10 @@ def write_weights_folder(state_dict: dict[str, torch.Tensor], folder: str | Path
     # explicit lm_head.weight arrives.
     tensors, seen = {}, set()
     for k, v in state_dict.items():
-        t = v.detach().to("cpu").contiguous()
-        tensors[k] = t.clone() if t.data_ptr() in seen else t
-        seen.add(t.data_ptr())
+        ptr = v.data_ptr()
+        t = v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+        tensors[k] = t.clone() if ptr in seen and t.data_ptr() == ptr else t
+        seen.add(ptr)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if folder.exists():
         shutil.rmtree(folder)
@@ -170,41 +209,108 @@ class WeightChannel:
         return self
 
     @staticmethod
-    def describe(state_dict: dict[str, torch.Tensor]) -> list[tuple[str, tuple, str, str | None]]:
-        """(name, shape, dtype, alias): a tensor shared under two names (a tied lm_head) is sent once."""
+    def describe(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | str | None = None,
+                 bucket_mb: float = DEFAULT_BUCKET_MB) -> dict:
+        """What a push sends, for both ends to agree on: the bucket size and, per name, (name, shape, dtype on the wire,
+        alias, byte offset). Floating tensors travel in `dtype` (the engine's: it would cast them anyway, so what it
+        holds is the same; half the bytes of float32 masters for bf16) and the others as they are. The tensors are laid
+        end to end in one byte stream (each at an offset its element size divides) cut into buckets of `bucket_mb`; a
+        tensor may span buckets. A tensor shared under two names (a tied lm_head) is sent once: the later name is its
+        alias, with no offset."""
+        wire = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         first: dict[tuple, str] = {}
-        meta = []
+        tensors, end = [], 0
         for name, t in state_dict.items():
             key = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-            meta.append((name, tuple(t.shape), str(t.dtype).removeprefix("torch."), first.get(key)))
-            first.setdefault(key, name)
-        return meta
+            out = wire if wire is not None and t.is_floating_point() else t.dtype
+            alias = first.get(key)
+            offset = None
+            if alias is None:
+                first[key] = name
+                offset = -(-end // out.itemsize) * out.itemsize
+                end = offset + t.numel() * out.itemsize
+            tensors.append((name, tuple(t.shape), str(out).removeprefix("torch."), alias, offset))
+        return {"bucket_bytes": _bucket_bytes(bucket_mb), "tensors": tensors}
 
     def _broadcast(self, t: torch.Tensor) -> None:
         # wait(timeout) blocks this thread until the tensor is through (for NCCL too, whose plain wait()
         # only orders the CUDA stream), so a dead or stalled peer ends in an error here, not a hang later
         self.group.broadcast(t, 0).wait(timedelta(seconds=self.timeout_s))
 
-    def send(self, state_dict: dict[str, torch.Tensor], meta: list) -> None:
-        for name, _, _, alias in meta:
-            if alias is None:
-                self._broadcast(state_dict[name].detach().to(self.device).contiguous())
+    def send(self, state_dict: dict[str, torch.Tensor], manifest: dict) -> None:
+        """Send the buckets `manifest` describes, double-buffered: bucket k+1 is packed (the cast to the wire dtype
+        included, on the channel's device: the learner's GPU under NCCL) while bucket k is on the wire, so the extra
+        memory is two buckets, never a cast copy of the model."""
+        size, spans = _bucket_plan(manifest)
+        buffers: list[torch.Tensor | None] = [None, None]
+        timeout = timedelta(seconds=self.timeout_s)
+        in_flight = None
+        for k, (lo, hi, members) in enumerate(spans):
+            if buffers[k % 2] is None:
+                buffers[k % 2] = torch.empty(size, dtype=torch.uint8, device=self.device)
+            buf = buffers[k % 2][: hi - lo]
+            for name, _shape, dtype, offset, nbytes in members:
+                wire = getattr(torch, dtype)
+                a, b = max(offset, lo), min(offset + nbytes, hi)
+                src = state_dict[name].detach().reshape(-1)[(a - offset) // wire.itemsize : (b - offset) // wire.itemsize]
+                buf[a - lo : b - lo].view(wire).copy_(src)  # cast and (under NCCL) host-to-device copy in one
+            if in_flight is not None:
+                in_flight.wait(timeout)
+            in_flight = self.group.broadcast(buf, 0)
+        if in_flight is not None:
+            in_flight.wait(timeout)
 
-    def receive(self, meta: list) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) as each arrives, so the engine loads while the rest is in flight; only a
-        tensor that a later name aliases is kept (one model's worth of extra memory would not fit a GPU)."""
-        needed = {alias for _, _, _, alias in meta if alias is not None}
+    def receive(self, manifest: dict) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) as each arrives, so the engine loads while the rest is in flight: bucket k+1 is posted
+        before bucket k's tensors are yielded (views into it; a fresh bucket each time, so nothing yielded is
+        overwritten). A tensor spanning buckets is assembled in a tensor of its own. Only a tensor that a later name
+        aliases is kept (one model's worth of extra memory would not fit a GPU)."""
+        size, spans = _bucket_plan(manifest)
+        entries = [tuple(m) for m in manifest["tensors"]]
+        needed = {m[3] for m in entries if m[3] is not None}
         kept: dict[str, torch.Tensor] = {}
-        for name, shape, dtype, alias in meta:
-            if alias is not None:
-                yield name, kept[alias]
-                continue
-            buf = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._broadcast(buf)
-            if name in needed:
-                kept[name] = buf
-            yield name, buf
-            del buf  # this generator's frame must not be what keeps it alive
+        timeout = timedelta(seconds=self.timeout_s)
+
+        def post(k):
+            lo, hi, _ = spans[k]
+            buf = torch.empty(hi - lo, dtype=torch.uint8, device=self.device)
+            return buf, self.group.broadcast(buf, 0)
+
+        i, pending, partial = 0, post(0) if spans else None, None
+        for k, (lo, hi, _) in enumerate(spans):
+            buf, work = pending
+            work.wait(timeout)
+            pending = post(k + 1) if k + 1 < len(spans) else None
+            while i < len(entries):
+                name, shape, dtype, alias, offset = entries[i]
+                if alias is not None:
+                    yield name, kept[alias]
+                    i += 1
+                    continue
+                wire = getattr(torch, dtype)
+                nbytes = _numel(shape) * wire.itemsize
+                if offset >= hi and nbytes:
+                    break
+                if lo <= offset and offset + nbytes <= hi:
+                    t = buf[offset - lo : offset - lo + nbytes].view(wire).view(shape)
+                    if name in needed:
+                        t = t.clone()  # not a view: it would keep its whole bucket alive
+                else:  # spans buckets: this bucket's part of it
+                    if partial is None:
+                        partial = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                    a, b = max(offset, lo), min(offset + nbytes, hi)
+                    partial[a - offset : b - offset].copy_(buf[a - lo : b - lo])
+                    if offset + nbytes > hi:
+                        break
+                    t, partial = partial.view(wire).view(shape), None
+                if name in needed:
+                    kept[name] = t
+                yield name, t
+                del t  # this generator's frame must not be what keeps it alive
+                i += 1
+            del buf
+        for name, shape, dtype, alias, _ in entries[i:]:  # what no bucket holds: aliases, empty tensors
+            yield name, kept[alias] if alias is not None else torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
 
     def close(self) -> None:
         """Abort the group (frees a NCCL communicator stuck on a dead peer) and drop it."""
@@ -310,8 +416,12 @@ class WeightSync:
     through its pool, which only passes messages); each declares the methods it accepts (`sync_methods`)."""
 
     def __init__(self, interval: int, method: str = "auto", timeout_s: float = 300.0, folder: str | Path | None = None,
-                 channel_host: str = "127.0.0.1"):
+                 channel_host: str = "127.0.0.1", dtype: torch.dtype | str | None = None, bucket_mb: float = DEFAULT_BUCKET_MB):
         self.interval = interval
+        # the engines' dtype (model.dtype): what 'broadcast' and 'disk' send floating tensors in ('inprocess' hands the
+        # tensors over as they are: the engine's loader casts each as it copies it in)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.bucket_mb = bucket_mb
         self.method = method
         self.timeout_s = timeout_s
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="asymre-sync-"))
@@ -323,7 +433,7 @@ class WeightSync:
     @classmethod
     def from_config(cls, cfg, run_dir: str | Path) -> WeightSync:
         s = cfg.sync
-        return cls(s.interval, s.method, s.timeout_s, Path(run_dir) / "sync", s.channel_host)
+        return cls(s.interval, s.method, s.timeout_s, Path(run_dir) / "sync", s.channel_host, cfg.model.dtype, s.bucket_mb)
 
     def due(self, learner_step: int) -> bool:
         return learner_step > 0 and learner_step % self.interval == 0
@@ -363,7 +473,9 @@ class WeightSync:
             return
         # broadcast: kept by reference for a worker restarted before the next push (under DDP that is the live weights,
         # so a restarted worker may run weights up to sync.interval - 1 steps newer than their version tag)
-        payload = write_weights_folder(state_dict, self.folder / ("lent" if lent else "latest")) if method == "disk" else state_dict
+        payload = state_dict
+        if method == "disk":
+            payload = write_weights_folder(state_dict, self.folder / ("lent" if lent else "latest"), self.dtype)
         if not lent:
             self.latest = (method, payload, version)
             for e in engines:
@@ -413,9 +525,9 @@ class WeightSync:
                 channel = WeightChannel.listen(backend, self.timeout_s, host=self.channel_host, join_timeout_s=join)
                 handle.send(("channel", channel.host, channel.port, backend, self.timeout_s, channel.secret))  # the secret: pipe only
                 self.channels[handle.index] = channel = channel.connect()
-            meta = WeightChannel.describe(state_dict)
-            handle.send(("weights_broadcast", meta, version))
-            channel.send(state_dict, meta)
+            manifest = WeightChannel.describe(state_dict, self.dtype, self.bucket_mb)
+            handle.send(("weights_broadcast", manifest, version))
+            channel.send(state_dict, manifest)
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001 - a dead peer or a timeout inside the collective

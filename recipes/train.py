@@ -29,7 +29,7 @@ from asymre.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint
 from asymre.config import Config, ConfigError, InputError, help_text, load_config, to_dict
 from asymre.evaluate import evaluate
 from asymre.learner import Learner
-from asymre.models import check_model_name, load_tokenizer, resolve_model
+from asymre.models import check_model_name, load_tokenizer, resolve_model, torch_dtype
 from asymre.monitor import CollapseMonitor
 from asymre.rewards import RewardError, RewardScorer
 from asymre.rollout import check_rollout_config, resolve_backend
@@ -87,8 +87,8 @@ class AsymRERecipe:
         if self.main:
             warn_if_memory_short(cfg, model_path, acc)  # on a GPU, before the model loads: a rough estimate, never a stop
         self.learner = Learner(cfg, model_path, acc, load_tokenizer(model_path))
-        # a colocated rank's engine needs the whole weights on that rank (under FSDP too)
-        weights = partial(self.learner.full_state_dict, everywhere=cfg.rollout.mode == "colocated")
+        # a colocated rank's engine needs the whole weights on that rank (under FSDP too); gathered in the engines' dtype
+        weights = partial(self.learner.full_state_dict, everywhere=cfg.rollout.mode == "colocated", dtype=torch_dtype(cfg.model.dtype))
         self.rollout = make_rollout(cfg, acc, model_path, train, WeightSync.from_config(cfg, self.run_dir), weights,
                                     self.scorer, vocab_size=self.learner.unwrapped().get_input_embeddings().num_embeddings)
         if resume_from is not None:

@@ -3,6 +3,7 @@ over a WeightChannel (gloo here; NCCL on GPUs), into the real vLLM engine, survi
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,51 +18,155 @@ from tests.net import is_loopback, listening_tcp, process_tree
 from tests.recipe_utils import worker_pool
 
 
-def test_describe_sends_a_tied_tensor_once():
+def test_describe_sends_a_tied_tensor_once_in_the_engine_dtype():
     emb = torch.randn(4, 3)
-    meta = WeightChannel.describe({"embed.weight": emb, "norm.weight": torch.ones(3), "lm_head.weight": emb})
-    assert meta == [("embed.weight", (4, 3), "float32", None), ("norm.weight", (3,), "float32", None),
-                    ("lm_head.weight", (4, 3), "float32", "embed.weight")]
+    manifest = WeightChannel.describe({"embed.weight": emb, "norm.weight": torch.ones(3), "lm_head.weight": emb,
+                                       "pos": torch.arange(3)}, torch.bfloat16, bucket_mb=1)
+    assert manifest == {"bucket_bytes": 1 << 20, "tensors": [
+        ("embed.weight", (4, 3), "bfloat16", None, 0), ("norm.weight", (3,), "bfloat16", None, 24),
+        ("lm_head.weight", (4, 3), "bfloat16", "embed.weight", None), ("pos", (3,), "int64", None, 32)]}  # 30 -> 32: aligned
 
 
 def test_describe_does_not_alias_a_transposed_view():
     w = torch.randn(3, 3)
-    meta = WeightChannel.describe({"a": w, "b": w.t()})
-    assert [m[3] for m in meta] == [None, None]
+    manifest = WeightChannel.describe({"a": w, "b": w.t()})
+    assert [m[3] for m in manifest["tensors"]] == [None, None]
 
 
-class _LoopbackGroup:
-    """Stands in for the process group in a unit test: 'receives' a tensor filled with a counter."""
+class _PairGroup:
+    """Both ends of a channel in one thread, for unit tests: the sender's broadcasts are queued (copied: its buffers
+    are reused), the receiver's take them in order. Records each collective's size and when it was waited for."""
 
-    def __init__(self):
-        self.n = 0
+    def __init__(self, on_wait=None):
+        self.queue, self.sent, self.waits, self.on_wait = [], [], [], on_wait
 
-    def broadcast(self, t, root):
-        self.n += 1
-        t.fill_(self.n)
-        return self
+    def sender(self):
+        pair = self
+
+        class Sender:
+            def broadcast(self, t, root):
+                pair.queue.append(t.clone())
+                pair.sent.append(t.numel() * t.element_size())
+                return _Work(pair, len(pair.sent) - 1)
+
+        return Sender()
+
+    def receiver(self):
+        pair = self
+
+        class Receiver:
+            def broadcast(self, t, root):
+                t.copy_(pair.queue.pop(0))
+                return _Work(None, None)
+
+        return Receiver()
+
+
+class _Work:
+    def __init__(self, pair, k):
+        self.pair, self.k = pair, k
 
     def wait(self, timeout=None):
+        if self.pair is not None:
+            self.pair.waits.append(self.k)
+            if self.pair.on_wait is not None:
+                self.pair.on_wait(self.k)
         return True
 
 
-def test_receive_keeps_only_tensors_a_later_name_aliases():
-    """Holding every received tensor until the end would need a second model's worth of (GPU) memory."""
+def _channel(group):
+    ch = WeightChannel.__new__(WeightChannel)
+    ch.group, ch.device, ch.timeout_s = group, torch.device("cpu"), 1.0
+    return ch
+
+
+class _ReadLog(dict):
+    """A state dict that records which names were read, in order."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.reads = []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return super().__getitem__(key)
+
+
+def test_buckets_are_double_buffered_and_arrive_intact_across_bucket_edges():
+    """Bucket k+1 is packed before bucket k is waited for (the overlap), a tensor larger than a bucket or across a
+    bucket's edge arrives whole, the receiver's tensors are its own (a later bucket overwrites none of them), and only a
+    tensor a later name aliases is kept."""
     import gc
     import weakref
 
-    ch = WeightChannel.__new__(WeightChannel)
-    ch.group, ch.device, ch.timeout_s = _LoopbackGroup(), torch.device("cpu"), 1.0
-    meta = [("embed", (4,), "float32", None), ("norm", (2,), "float32", None), ("lm_head", (4,), "float32", "embed")]
-    refs, values = {}, {}
-    for name, t in ch.receive(meta):
-        refs[name], values[name] = weakref.ref(t), t.tolist()
-        del t
-        gc.collect()
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(700, generator=g)
+    state = _ReadLog({"embed": emb, "norm": torch.randn(5, generator=g), "big": torch.randn(3, 300, generator=g),
+                      "lm_head": emb, "step": torch.tensor([7])})
+    manifest = WeightChannel.describe(state, torch.bfloat16, bucket_mb=1024 / 2**20)  # 1 KiB buckets
+    read_at_wait = {}
+    pair = _PairGroup(on_wait=lambda k: read_at_wait.setdefault(k, list(state.reads)))
+    _channel(pair.sender()).send(state, manifest)
+    stream = 700 * 2 + 5 * 2 + 900 * 2 + 6 + 8  # bf16 floats (3210 bytes), the int64 at 3216 (aligned to 8)
+    assert sum(pair.sent) == stream and pair.sent[:-1] == [1024] * (len(pair.sent) - 1) and pair.waits == list(range(len(pair.sent)))
+    assert "norm" in read_at_wait[0] and "big" in read_at_wait[0]  # bucket 1 (norm, the start of big) packed while 0 flew
+
+    refs, got = {}, {}
+    for name, t in _channel(pair.receiver()).receive(manifest):
+        refs[name], got[name] = weakref.ref(t), t
         if name == "lm_head":
+            del got["norm"]
+            gc.collect()
             assert refs["norm"]() is None  # dropped as soon as the engine was done with it
-            assert refs["embed"]() is not None  # kept for its alias
-    assert values == {"embed": [1.0] * 4, "norm": [2.0] * 2, "lm_head": [1.0] * 4}
+        del t
+    assert set(got) == {"embed", "big", "lm_head", "step"}
+    for name in got:
+        assert torch.equal(got[name], state[name].to(torch.bfloat16 if state[name].is_floating_point() else torch.int64)), name
+    assert got["lm_head"] is got["embed"]
+
+
+def test_a_push_over_gloo_sends_the_engine_dtype_s_bytes_and_the_weights_arrive_identical():
+    """A real two-member gloo channel (learner and peer in two threads): what crosses it is the weights in the engine's
+    dtype (bf16: half the float32 masters' bytes; a tied tensor once), in bucket-sized collectives, and the peer gets
+    exactly the engine-dtype weights."""
+    import threading
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    state = model.state_dict()
+    manifest = WeightChannel.describe(state, "bfloat16", bucket_mb=0.05)
+    ch = WeightChannel.listen("gloo", 30.0)
+    out = {}
+
+    def peer():
+        peer_ch = WeightChannel(ch.host, ch.port, 1, "gloo", 30.0, secret=ch.secret).connect()
+        out["got"] = {name: t.clone() for name, t in peer_ch.receive(manifest)}
+        peer_ch.close()
+
+    th = threading.Thread(target=peer, daemon=True)
+    th.start()
+    ch.connect()
+    sizes = []
+    real = ch.group
+
+    class Counting:
+        def broadcast(self, t, root):
+            sizes.append(t.numel() * t.element_size())
+            return real.broadcast(t, root)
+
+    ch.group = Counting()
+    ch.send(state, manifest)
+    th.join(30)
+    ch.group = real
+    ch.close()
+    weights = {p.data_ptr(): p for p in state.values()}.values()  # the tied embedding once
+    assert sum(sizes) == sum(p.numel() * 2 for p in weights)  # bf16 on the wire: 2 bytes a weight, nothing else
+    assert len(sizes) == -(-sum(sizes) // int(0.05 * 2**20 // 16 * 16)) > 1
+    assert set(out["got"]) == set(state)
+    assert all(torch.equal(out["got"][k], v.to(torch.bfloat16)) for k, v in state.items())
 
 
 @pytest.mark.slow
@@ -169,7 +274,7 @@ def test_broadcast_to_a_worker_that_never_loads_fails_with_its_name(model_path):
 def _peer(host, port, secret, out):
     try:
         ch = WeightChannel(host, port, 1, "gloo", 5.0, secret=secret).connect()
-        out["got"] = [(name, t.clone()) for name, t in ch.receive([("w", (4,), "float32", None)])]
+        out["got"] = [(name, t.clone()) for name, t in ch.receive(WeightChannel.describe({"w": torch.zeros(4)}))]
     except Exception as e:  # noqa: BLE001 - the refused peer's group times out: expected
         out["error"] = e
 
@@ -233,3 +338,22 @@ def test_an_nccl_channel_is_built_to_raise_rather_than_tear_the_learner_down(mon
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"  # the learners' own groups keep theirs
     assert "TORCH_NCCL_BLOCKING_WAIT" not in os.environ and "TORCH_NCCL_DUMP_ON_TIMEOUT" not in os.environ
     assert os.environ["TORCH_NCCL_NONBLOCKING_TIMEOUT"] == "42"  # the communicator's init waits no longer than the channel
+
+
+def test_a_disk_push_writes_floating_weights_in_the_engine_dtype(tmp_path):
+    """'disk' writes what the engine holds (its dtype: half the bytes of float32 masters for bf16), integer tensors as
+    they are, and a tied tensor under both names (vLLM's reload needs an explicit lm_head.weight)."""
+    from safetensors import safe_open
+
+    class DiskEngine:
+        sync_methods = ("disk",)
+
+        def load_weights(self, folder, version):
+            self.folder = folder
+
+    emb, engine = torch.randn(4, 3), DiskEngine()
+    WeightSync(1, "disk", 10, tmp_path, dtype="bfloat16").push({"embed": emb, "lm_head": emb, "step": torch.tensor([3])}, 1, [engine])
+    with safe_open(str(Path(engine.folder) / "model.safetensors"), "pt") as f:
+        got = {k: f.get_tensor(k) for k in f.keys()}
+    assert {k: v.dtype for k, v in got.items()} == {"embed": torch.bfloat16, "lm_head": torch.bfloat16, "step": torch.int64}
+    assert torch.equal(got["lm_head"], emb.to(torch.bfloat16)) and torch.equal(got["embed"], got["lm_head"])

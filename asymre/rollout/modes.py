@@ -26,6 +26,7 @@ from accelerate.utils import broadcast_object_list
 from asymre.buffer import ReplayBuffer
 from asymre.data import Prompt, TrajectoryGroup
 from asymre.loss import NEEDS_BEHAVIOUR_LOGPROBS
+from asymre.models import torch_dtype
 from asymre.rewards import RewardScorer
 from asymre.rollout import generator_from_config
 from asymre.rollout.base import Generator, SamplingSpec, derive_seed
@@ -36,9 +37,18 @@ from asymre.tasks import PromptStream
 Weights = dict  # HF-named full weights, {name: tensor}
 
 
-def host_copy(state: Weights) -> Weights:
-    """Weights kept to be given back to engines later: in host memory, never a second copy on the learner's device."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+def host_copy(state: Weights, dtype=None) -> Weights:
+    """Weights kept to be given back to engines later: in host memory, never a second copy on the learner's device;
+    floating tensors in `dtype`, the engines' (what they hold, so giving them back is exact, at half the memory of
+    float32 masters for bf16). A tensor under two names (a tied lm_head) is copied once."""
+    out, seen = {}, {}
+    for k, v in state.items():
+        key = (v.device, v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if key not in seen:
+            cast = dtype if dtype is not None and v.is_floating_point() else v.dtype
+            seen[key] = v.detach().to("cpu", cast, copy=True)
+        out[k] = seen[key]
+    return out
 
 
 @contextmanager
@@ -148,13 +158,14 @@ class ColocatedRollout(Rollout):
         with whole_models(accelerator):
             self.engine = generator_from_config(cfg, model_path, accelerator.process_index, world=accelerator.num_processes)
         # A host copy of the weights the engine holds, while it lags the learner (sync.interval > 1): evaluations
-        # and checkpoints need them back (one model's worth of memory). The engine starts on the learner's weights.
+        # and checkpoints need them back (one model's worth of memory, in the engine's dtype, on the main process
+        # only: it alone evaluates and writes checkpoints). The engine starts on the learner's weights.
         self.last_pushed: Weights = self._copy(weights())
 
     def _copy(self, state: Weights) -> Weights:
         """The engine's weights while it lags the learner, in host memory (on a GPU a device copy would cost a second
-        model's worth of the learner's memory; pushes and checkpoints read it from the host)."""
-        return host_copy(state) if self.cfg.sync.interval > 1 else {}
+        model's worth of the learner's memory; pushes and checkpoints read it from the host), on the main process."""
+        return host_copy(state, torch_dtype(self.cfg.model.dtype)) if self.keeps_behaviour and self.acc.is_main_process else {}
 
     def next_groups(self, learner_step):
         """Generate rounds with the (possibly stale) engine until enough fresh groups are buffered."""
@@ -185,10 +196,15 @@ class ColocatedRollout(Rollout):
 
     @contextmanager
     def evaluation_engine(self, learner_step):
+        """The main process's engine, lent the learner's weights if it lags them (the other ranks take part in the
+        gather, a collective, and keep their engines as they are: they do not evaluate)."""
         behind = self.engine.version != learner_step
         if behind:
+            state = self.weights()
+            behind = self.acc.is_main_process
+        if behind:
             behaviour_version, behaviour = self.engine.version, self.last_pushed  # the engine copies it in: no clone
-            self.sync.push(self.weights(), learner_step, [self.engine])
+            self.sync.push(state, learner_step, [self.engine])
         try:
             yield self.engine if self.acc.is_main_process else None
         finally:
@@ -202,7 +218,10 @@ class ColocatedRollout(Rollout):
 
     def _restore(self, weights, version, behaviour):
         self.sync.push(weights, version, [self.engine])
-        self.last_pushed = behaviour if behaviour is not None else self._copy(weights)  # the learner's, gathered once
+        if behaviour is not None:  # every rank's engine got them; the main process keeps them
+            self.last_pushed = behaviour if self.acc.is_main_process else {}
+        else:
+            self.last_pushed = self._copy(weights)  # the learner's, gathered once
 
     def close(self):
         self.engine.close()
@@ -265,7 +284,7 @@ class AsyncRollout(Rollout):
 
     def _copy(self, state: Weights) -> Weights:
         """A host copy of the weights just pushed, on the main process, when evaluations may need them back."""
-        return host_copy(state) if self.lends and self.main else {}
+        return host_copy(state, torch_dtype(self.cfg.model.dtype)) if self.lends and self.main else {}
 
     def push(self, version):
         state = self.weights()  # collective under FSDP/DeepSpeed

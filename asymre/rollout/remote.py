@@ -161,9 +161,9 @@ class RemoteVLLMGenerator:
         learner's sync.channel_host must be an address the server reaches)."""
         self._rpc("asymre_open_channel", host, port, backend, timeout_s, secret, timeout_s=self.push_timeout_s)
 
-    def receive_broadcast(self, meta: list, version: int) -> None:
+    def receive_broadcast(self, manifest: dict, version: int) -> None:
         """'broadcast': the server loads the tensors the learner is sending now; returns once they are all in."""
-        self._rpc("asymre_receive", meta, timeout_s=self.push_timeout_s)
+        self._rpc("asymre_receive", manifest, timeout_s=self.push_timeout_s)
         self._loaded(version)
 
     def _loaded(self, version: int) -> None:

@@ -19,7 +19,7 @@ member of the channel.
 from __future__ import annotations
 
 RECEIVER = "asymre.rollout.vllm_receiver.WeightReceiver"
-PROTOCOL = 2  # bumped when the learner's and the server's halves stop understanding each other
+PROTOCOL = 3  # bumped when the learner's and the server's halves stop understanding each other
 
 
 class WeightReceiver:
@@ -45,20 +45,20 @@ class WeightReceiver:
         self._asymre_channel = WeightChannel(host, port, 1, backend, timeout_s, secret=secret).connect()
         return True
 
-    def asymre_receive(self, meta: list) -> int:
-        """Load the tensors the learner sends now (described by `meta`, `WeightChannel.describe`); the number of names
-        loaded. The caller resets the prefix cache afterwards."""
+    def asymre_receive(self, manifest: dict) -> int:
+        """Load the tensors the learner sends now (described by `manifest`, `WeightChannel.describe`); the number of
+        names loaded. The caller resets the prefix cache afterwards."""
         from asymre.rollout.vllm_engine import refresh_supported, refresh_weights
 
         channel = self._asymre_channel
         if channel is None:
             raise RuntimeError("asymre_receive: no weight channel is open (asymre_open_channel first)")
-        weights = channel.receive([tuple(m) for m in meta])
+        weights = channel.receive(manifest)
         try:
             if refresh_supported(self):
                 return refresh_weights(self, weights)
             self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
-            return len(meta)
+            return len(manifest["tensors"])
         except BaseException:
             self.asymre_close_channel()  # the stream is out of step with the learner: the next push opens a new one
             raise

@@ -81,11 +81,11 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
 
                     channel = WeightChannel(host, port, 1, backend, timeout_s, secret=secret).connect()
             elif kind == "weights_broadcast":
-                _, meta, version = msg
+                _, manifest, version = msg
                 if hasattr(gen, "receive_broadcast"):
-                    gen.receive_broadcast(meta, version)
+                    gen.receive_broadcast(manifest, version)
                 else:
-                    gen.load_weights(channel.receive(meta), version)
+                    gen.load_weights(channel.receive(manifest), version)
                 out_q.put(("loaded", index, version))
             elif kind == "generate":
                 _, rid, prompts, spec, step = msg
