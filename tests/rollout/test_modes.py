@@ -122,3 +122,16 @@ def test_round_seeds_differ_by_rank_and_round_and_repeat_by_run_seed():
     assert not set(seeds(0)) & set(seeds(1))
     assert seeds(0, run_seed=1) != seeds(0)
     assert seeds(1)[0] == derive_seed(0, 1, 1) and all(0 <= s < 2**62 for s in seeds(1))
+
+
+def test_a_behaviour_copy_is_in_the_engine_dtype_and_holds_a_tied_tensor_once():
+    """The host copy of the weights a lagging engine holds is made in the engine's dtype (what it holds: giving it back
+    is exact, at half the memory of float32 masters for bf16), integers as they are, a tied tensor copied once."""
+    import torch
+
+    from asymre.rollout.modes import host_copy
+
+    emb = torch.randn(4, 3)
+    copy = host_copy({"embed": emb, "lm_head": emb, "step": torch.tensor([2])}, torch.bfloat16)
+    assert copy["embed"].dtype == torch.bfloat16 and copy["step"].dtype == torch.int64
+    assert torch.equal(copy["embed"], emb.to(torch.bfloat16)) and copy["lm_head"] is copy["embed"]
