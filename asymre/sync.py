@@ -36,6 +36,12 @@ def _bucket_bytes(bucket_mb: float) -> int:
     return max(16, int(bucket_mb * 2**20) // 16 * 16)
 
 
+def tensor_identity(t: torch.Tensor) -> tuple:
+    """What makes two names one tensor (a tied lm_head): same storage, place, shape, strides and dtype (a transposed
+    view of a weight is another tensor)."""
+    return (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -221,7 +227,7 @@ class WeightChannel:
         first: dict[tuple, str] = {}
         tensors, end = [], 0
         for name, t in state_dict.items():
-            key = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            key = tensor_identity(t)
             out = wire if wire is not None and t.is_floating_point() else t.dtype
             alias = first.get(key)
             offset = None

@@ -31,7 +31,7 @@ from asymre.rewards import RewardScorer
 from asymre.rollout import generator_from_config
 from asymre.rollout.base import Generator, SamplingSpec, derive_seed
 from asymre.rollout.worker import PoolEngine, WorkerPool
-from asymre.sync import WeightSync
+from asymre.sync import WeightSync, tensor_identity
 from asymre.tasks import PromptStream
 
 Weights = dict  # HF-named full weights, {name: tensor}
@@ -43,7 +43,7 @@ def host_copy(state: Weights, dtype=None) -> Weights:
     float32 masters for bf16). A tensor under two names (a tied lm_head) is copied once."""
     out, seen = {}, {}
     for k, v in state.items():
-        key = (v.device, v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        key = tensor_identity(v)
         if key not in seen:
             cast = dtype if dtype is not None and v.is_floating_point() else v.dtype
             seen[key] = v.detach().to("cpu", cast, copy=True)
