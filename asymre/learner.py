@@ -195,10 +195,13 @@ def gather_fsdp2(module: torch.nn.Module, dtype: torch.dtype | None = None, keep
     first: dict[int, str] = {}
     alias = {name: first.setdefault(id(p), name) for name, p in module.named_parameters(remove_duplicate=False)}
     out: dict[str, torch.Tensor] = {}
+    gathered: set[str] = set()  # not `out`'s keys: a rank that keeps nothing must skip the same tied names as the others
     for name, t in module.state_dict().items():
-        if alias.get(name, name) != name and alias[name] in out:
-            out[name] = out[alias[name]]
+        if alias.get(name, name) != name and alias[name] in gathered:
+            if keep:
+                out[name] = out[alias[name]]
             continue
+        gathered.add(name)
         if isinstance(t, DTensor) and t.device.type != t.device_mesh.device_type:
             t = t.to(t.device_mesh.device_type)  # offloaded shards (fsdp_offload_params) gather on the mesh's device
         whole = t.full_tensor() if isinstance(t, DTensor) else t

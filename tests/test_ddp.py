@@ -182,3 +182,9 @@ def test_fsdp2_bf16_learner_starts_and_steps_on_two_ranks(tmp_path):
     for r in (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)):
         assert r["fsdp2"] and r["native_amp"] and r["sharded"], r  # the path of a bf16 FSDP2 launch on GPUs
         assert r["loss_finite"] and r["changed"] == r["tensors"] and r["micro_batches"] > 1 and r["reduce_each_micro_batch"], r
+    # a main-process push in bf16 (gather_fsdp2's dtype and keep=False): rank 0 holds bf16 host copies equal to the
+    # trained weights rounded once, a tied pair once; rank 1 took part in every all-gather and holds nothing
+    main, other = (json.loads((tmp_path / f"rank{i}.pushed").read_text()) for i in (0, 1))
+    assert len(main["names"]) == r["tensors"] and main["bf16"] and main["on_host"] and main["equal"] and main["tied_once"], main
+    assert other["names"] == [], other
+    assert "lm_head.weight" in main["names"], main["names"]  # the tied name the other rank must skip as rank 0 does

@@ -36,6 +36,14 @@ def main() -> None:
     groups = [TrajectoryGroup(Prompt(f"p{acc.process_index}", [{"role": "user", "content": "q"}]), [1, 2, 3], trajs, 0)]
     metrics = learner.train_step(groups)
     after = learner.full_state_dict(everywhere=True)
+    # a push from the main process alone, in the engine's dtype: every rank takes part in the all-gathers (a rank that
+    # skipped one, e.g. the tied lm_head, would hang the others), the main process keeps bf16 host copies, the other none
+    pushed = learner.full_state_dict(dtype=torch.bfloat16)
+    Path(out, f"rank{acc.process_index}.pushed").write_text(json.dumps({
+        "names": sorted(pushed), "bf16": all(v.dtype == torch.bfloat16 for v in pushed.values()),
+        "on_host": all(v.device.type == "cpu" for v in pushed.values()),
+        "equal": all(torch.equal(pushed[k], after[k].to(torch.bfloat16)) for k in pushed),
+        "tied_once": pushed.get("lm_head.weight") is pushed.get("model.embed_tokens.weight") if pushed else None}))
     Path(out, f"rank{acc.process_index}.json").write_text(json.dumps({
         "distributed_type": str(acc.distributed_type), "fsdp2": bool(acc.is_fsdp2), "native_amp": bool(acc.native_amp),
         "loss_finite": bool(torch.isfinite(torch.tensor(metrics["loss/value"]))),
