@@ -135,3 +135,29 @@ def test_a_behaviour_copy_is_in_the_engine_dtype_and_holds_a_tied_tensor_once():
     copy = host_copy({"embed": emb, "lm_head": emb, "step": torch.tensor([2])}, torch.bfloat16)
     assert copy["embed"].dtype == torch.bfloat16 and copy["step"].dtype == torch.int64
     assert torch.equal(copy["embed"], emb.to(torch.bfloat16)) and copy["lm_head"] is copy["embed"]
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_only_the_main_colocated_rank_keeps_the_behaviour_weights(main, model_path, tmp_path):
+    """A lagging colocated engine's weights (sync.interval > 1) are kept once, by the main process, which alone
+    evaluates and checkpoints: at the start, after a push and after a resume. On the other ranks a second host copy
+    of the model per rank (8 for 8B on one node) would buy nothing."""
+    from asymre.rollout.modes import ColocatedRollout
+
+    cfg = load_config(None, ["rollout.backend=tests.fakes:ReplyGenerator", "sync.interval=2", "sync.method=disk",
+                             f"logging.run_dir={tmp_path}", "model.dtype=bfloat16"])
+    acc = SimpleNamespace(is_main_process=main, num_processes=2, process_index=0 if main else 1, state=SimpleNamespace(deepspeed_plugin=None))
+    learner = {"w": torch.ones(3)}
+    r = ColocatedRollout(cfg, acc, str(model_path), _prompts(2, "t"), WeightSync.from_config(cfg, tmp_path), lambda: dict(learner),
+                         RewardScorer(["numeric"]))
+    kept = [dict(r.last_pushed)]
+    learner["w"] = torch.full((3,), 2.0)
+    r.push(2)
+    kept.append(dict(r.last_pushed))
+    r.load_state_dict(r.state_dict(3), {"w": torch.full((3,), 5.0, dtype=torch.bfloat16)}, learner_step=3)
+    kept.append(dict(r.last_pushed))
+    if main:
+        assert [k["w"].tolist() for k in kept] == [[1.0] * 3, [2.0] * 3, [5.0] * 3] and kept[1]["w"].dtype == torch.bfloat16
+    else:
+        assert kept == [{}, {}, {}]
+    r.close()
