@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -85,6 +85,8 @@ class RewardConfig:
     weights: list[float] = _f([], "Weight per reward function (empty = all 1.0).")
     scale: str = _f("01", "Binary reward scale: '01' (0/1, the paper's) or 'pm1' (-1/+1).")
     timeout_s: float = _f(10.0, "Per-call timeout of a reward function; samples of a call past it are dropped.", "(0, inf)")
+    preflight: bool = _f(True, "At start-up, before the model loads: score reference answers of a few training rows and stop if "
+                               "no reference scores above an empty completion (false: for judges, environment rewards).")
 
 
 @dataclass
@@ -343,7 +345,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"learner.betas={cfg.learner.betas} must have two entries")
     if cfg.loss.name == "grpo" and cfg.rollout.group_size < 2:
         raise ConfigError("loss.name=grpo needs rollout.group_size >= 2 (it normalises within a group)")
+    if cfg.loss.name == "asymre" and cfg.loss.baseline in GROUP_BASELINES and cfg.rollout.group_size < 2:
+        # a group of one is its own mean: every advantage would be -delta_V, whatever the reward (TRL refuses G < 2 too)
+        raise ConfigError(f"rollout.group_size={cfg.rollout.group_size}: loss.baseline={cfg.loss.baseline} is computed within "
+                          f"a group and needs rollout.group_size >= 2 (with one sample every advantage is -delta_V, whatever "
+                          f"its reward); the baselines that accept rollout.group_size=1: constant, running")
     return cfg
+
+
+GROUP_BASELINES = ("group_mean", "leave_one_out")  # loss.baseline values computed from a group's other samples
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -360,11 +370,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        layers.append((OmegaConf.load(p), str(p)))
+        layers.append((_load_yaml(p), str(p)))
     if overrides:
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. learner.lr=1e-5)")
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as e:  # OmegaConf parses each value as YAML
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"command line: {item!r}: the value is not valid YAML: {problem} (quote it, or close "
+                                  f"its brackets)") from None
         layers.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
     try:
         merged = base
@@ -377,6 +393,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except OmegaConfBaseException as e:
         raise _explain(e, "config") from None
     return validate(cfg)  # type: ignore[arg-type]
+
+
+def _load_yaml(p: Path):
+    """The config file as OmegaConf reads it; a file that is not YAML, not text, or not a mapping of keys is one
+    ConfigError naming the file, and for a syntax error the line and column and the parser's complaint."""
+    try:
+        loaded = OmegaConf.load(p)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = e.problem or e.context or "not valid YAML"
+        if e.context and e.problem and e.context_mark is not None:
+            what += f" ({e.context} that starts at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        raise ConfigError(f"{p}{where}: not valid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{p}: a config file is a mapping of keys (learner: {{lr: ...}}), got a {type(loaded).__name__}")
+    return loaded
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

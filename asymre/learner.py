@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,54 +162,87 @@ def _gather_zero3(module: torch.nn.Module, dtype: torch.dtype | None = None) -> 
     DeepSpeed's own consolidation (engine._zero3_consolidated_16bit_state_dict in 0.19.8, which accelerate's
     get_state_dict calls) fills rank 0 alone and needs stage3_gather_16bit_weights_on_model_save. Tied weights keep
     one tensor under both names, as a state_dict does. Collective: call on every rank."""
+    return dict(iter_zero3(module, dtype, host=True))
+
+
+def iter_zero3(module: torch.nn.Module, dtype: torch.dtype | None = None, host: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) of ZeRO-3's partitioned weights, one module's parameters gathered at a time (deepspeed
+    0.19.8 zero.GatheredParameters, modifier_rank=None: every rank gets them, none writes back); floating tensors
+    cast to `dtype` on the device, and copied to the host if `host`. A tied parameter's second name yields the
+    tensor yielded under the first (kept until then). Collective: every rank must exhaust the iterator."""
     import deepspeed
 
-    out: dict[str, torch.Tensor] = {}
-    first_name: dict[int, str] = {}  # ds_id -> the first name a (possibly tied) parameter was stored under
+    names: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        names[p.ds_id] = names.get(p.ds_id, 0) + 1
+    tied: dict[int, torch.Tensor] = {}
+    done: set[int] = set()
     for prefix, mod in module.named_modules():
         dot = f"{prefix}." if prefix else ""
         with deepspeed.zero.GatheredParameters(list(mod.parameters(recurse=False)), modifier_rank=None):
             for name, p in mod.named_parameters(recurse=False):
-                if p.ds_id not in first_name:
-                    first_name[p.ds_id] = dot + name
-                    out[dot + name] = _host(p, dtype)
-                else:
-                    out[dot + name] = out[first_name[p.ds_id]]
+                if p.ds_id in done:
+                    yield dot + name, tied.pop(p.ds_id) if p.ds_id in tied else None
+                    continue
+                done.add(p.ds_id)
+                t = _cast(p, dtype, host)
+                if names[p.ds_id] > 1:  # outlives the gather: its own memory (an uncast one shares the gathered buffer)
+                    tied[p.ds_id] = t = t if host or t.data_ptr() != p.data_ptr() else t.clone()
+                yield dot + name, t
         for name, buf in mod.named_buffers(recurse=False):
             if name not in mod._non_persistent_buffers_set:
-                out[dot + name] = _host(buf, dtype)
-    return out
+                yield dot + name, _cast(buf, dtype, host)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None, host: bool) -> torch.Tensor:
+    """`t` detached, a floating tensor in `dtype`, on the host (a copy: `_host`) or on its device (no copy where the
+    dtype is already right: the consumer reads it before the next tensor is gathered)."""
+    if host:
+        return _host(t, dtype)
+    return t.detach().to(dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
 
 def gather_fsdp2(module: torch.nn.Module, dtype: torch.dtype | None = None, keep: bool = True) -> dict[str, torch.Tensor]:
     """FSDP2's sharded weights (DTensors), whole, on every rank (on the host), one tensor all-gathered at a time:
-    accelerate 1.15's get_state_dict under FSDP2 (accelerator.py, Accelerator.get_state_dict) asks torch for
+    accelerate 1.16's get_state_dict under FSDP2 (accelerator.py, Accelerator.get_state_dict) asks torch for
     StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True), which fills rank 0 alone, but
     each colocated rank's engine needs them. A tensor under two names (tied embeddings) is gathered once. Collective:
     call on every rank, which walk the same state dict in the same order. `dtype`: floating tensors kept in it (each
     whole tensor is cast on the device before its host copy); `keep=False`: this rank takes part in the all-gathers and
     keeps nothing (a push from the main process only: the other ranks hold no host copy at all)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in iter_fsdp2(module, dtype, host=keep):
+        if keep:
+            out[name] = t
+    return out
+
+
+def iter_fsdp2(module: torch.nn.Module, dtype: torch.dtype | None = None, host: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) of FSDP2's sharded weights, one DTensor all-gathered at a time (torch 2.13
+    DTensor.full_tensor), floating tensors cast to `dtype` on the device, copied to the host if `host`. Which names
+    are one parameter (tied) is decided from the module's structure, the same on every rank (a rank's empty shard
+    could not tell), so every rank makes the same all-gathers; a tied second name yields the tensor yielded under
+    the first. Collective: every rank must exhaust the iterator."""
     from torch.distributed.tensor import DTensor
 
-    # which names are one parameter (tied): decided from the module's structure, the same on every rank (a rank's
-    # empty shard could not tell), so every rank calls the same all-gathers
     first: dict[int, str] = {}
     alias = {name: first.setdefault(id(p), name) for name, p in module.named_parameters(remove_duplicate=False)}
-    out: dict[str, torch.Tensor] = {}
-    gathered: set[str] = set()  # not `out`'s keys: a rank that keeps nothing must skip the same tied names as the others
+    shared = {a for n, a in alias.items() if a != n}  # names whose tensor a later name reuses
+    tied: dict[str, torch.Tensor] = {}
+    gathered: set[str] = set()  # not what a caller kept: a rank that keeps nothing skips the same tied names as the others
     for name, t in module.state_dict().items():
         if alias.get(name, name) != name and alias[name] in gathered:
-            if keep:
-                out[name] = out[alias[name]]
+            yield name, tied.get(alias[name])
             continue
         gathered.add(name)
         if isinstance(t, DTensor) and t.device.type != t.device_mesh.device_type:
             t = t.to(t.device_mesh.device_type)  # offloaded shards (fsdp_offload_params) gather on the mesh's device
         whole = t.full_tensor() if isinstance(t, DTensor) else t
-        if keep:
-            out[name] = _host(whole, dtype)
+        out = _cast(whole, dtype, host)
         del whole
-    return out
+        if name in shared:
+            tied[name] = out
+        yield name, out
 
 
 class Learner:
@@ -520,6 +554,20 @@ class Learner:
             # feeds an engine of its own (get_state_dict would gather float32 to the main process's host)
             return gather_fsdp2(self.unwrapped(), dtype, keep=everywhere or acc.is_main_process)
         return acc.get_state_dict(self.model)
+
+    def stream_state(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """The full weights one tensor at a time, gathered as they are read and left on the device, floating tensors in
+        `dtype`, where the learner shards them over several ranks (FSDP2, ZeRO-3) and no LoRA merge needs a whole
+        layer's adapters: a colocated push then never builds a whole copy of the model. None elsewhere (the state is
+        the live parameters already, or a merge needs it whole). Collective: every rank must exhaust it."""
+        acc = self.accelerator
+        if self.lora is not None:
+            return None
+        if self.zero3:
+            return iter_zero3(self.unwrapped(), dtype)
+        if acc.num_processes > 1 and acc.distributed_type == DistributedType.FSDP and acc.is_fsdp2:
+            return iter_fsdp2(self.unwrapped(), dtype)
+        return None
 
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)

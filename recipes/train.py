@@ -32,6 +32,7 @@ from asymre.learner import Learner
 from asymre.models import check_model_name, load_tokenizer, resolve_model, torch_dtype
 from asymre.monitor import CollapseMonitor
 from asymre.rewards import RewardError, RewardScorer
+from asymre.rewards.preflight import preflight
 from asymre.rollout import check_rollout_config, resolve_backend
 from asymre.rollout.modes import Rollout, make_rollout
 from asymre.run_dir import RunDirError, open_run_dir
@@ -75,6 +76,10 @@ class AsymRERecipe:
         # Bad input fails here, before any model loads: reward names, task files, model name, engine settings, run folder.
         self.scorer = RewardScorer.from_config(cfg)
         train, self.eval_prompts = build_task(cfg.task)
+        if cfg.reward.preflight:  # a reward that can never pay (or breaks the contract) stops here
+            t0 = time.perf_counter()
+            paid = preflight(self.scorer, train, cfg.task.answer_column if cfg.task.name == "file" else "answer")
+            log.info("reward preflight: reference answers scored %s (%.2f s)", paid, time.perf_counter() - t0)
         check_model_name(cfg.model.name)
         check_rollout_config(cfg)
         check_trackers(cfg.logging.report_to)
@@ -90,7 +95,8 @@ class AsymRERecipe:
         # a colocated rank's engine needs the whole weights on that rank (under FSDP too); gathered in the engines' dtype
         weights = partial(self.learner.full_state_dict, everywhere=cfg.rollout.mode == "colocated", dtype=torch_dtype(cfg.model.dtype))
         self.rollout = make_rollout(cfg, acc, model_path, train, WeightSync.from_config(cfg, self.run_dir), weights,
-                                    self.scorer, vocab_size=self.learner.unwrapped().get_input_embeddings().num_embeddings)
+                                    self.scorer, vocab_size=self.learner.unwrapped().get_input_embeddings().num_embeddings,
+                                    stream=partial(self.learner.stream_state, torch_dtype(cfg.model.dtype)))
         if resume_from is not None:
             self._resume(resume_from)
         elif cfg.resume == "auto":
@@ -146,15 +152,42 @@ class AsymRERecipe:
         """Evaluate the learner's current weights (the rollout lends an engine holding them)."""
         ec, step = self.cfg.eval, self.learner.step
         out: dict[str, float] = {}
+        failed: RewardError | None = None
         with self.rollout.evaluation_engine(step) as engine:
             if self.main:
-                out = evaluate(engine, self.eval_prompts, self.scorer, ec.preset, ec.k, ec.max_new_tokens, seed=self.cfg.learner.seed,
-                               step=step, generation_kwargs=dict(ec.generation_kwargs))
-                log.info("eval (%s) at step %d: pass@1 = %.3f on %d held-out prompts", tag, step, out["eval/pass@1"], len(self.eval_prompts))
+                try:
+                    out = evaluate(engine, self.eval_prompts, self.scorer, ec.preset, ec.k, ec.max_new_tokens, seed=self.cfg.learner.seed,
+                                   step=step, generation_kwargs=dict(ec.generation_kwargs))
+                    log.info("eval (%s) at step %d: pass@1 = %.3f on %d held-out prompts", tag, step, out["eval/pass@1"],
+                             len(self.eval_prompts))
+                except RewardError as e:  # the other ranks get it too, instead of waiting for the main process
+                    failed = e
+        if self.acc.num_processes > 1:
+            failed = broadcast_object_list([failed])[0]
+        if failed is not None:
+            raise failed
         self.acc.wait_for_everyone()
         return out
 
+    def _stop_on_reward_error(self, e: RewardError) -> RewardError:
+        """A reward that broke its contract (or failed on every sample) mid-run: the state of the last learner step is
+        checkpointed (collective), so the run continues with resume=auto once the function is fixed; returns the
+        one-line error that says so."""
+        step = self.learner.step
+        try:
+            self._save_checkpoint()
+        except CheckpointError as ce:
+            return type(e)(f"{e}; stopped at learner step {step}, and its checkpoint could not be written ({ce})")
+        return type(e)(f"{e}; stopped at learner step {step}, checkpointed in {self.run_dir}: fix the reward and continue "
+                       f"with resume=auto")
+
     def train(self) -> dict[str, float]:
+        try:
+            return self._train()
+        except RewardError as e:  # raised on every rank at once (the rollout and _evaluate share it)
+            raise self._stop_on_reward_error(e) from e
+
+    def _train(self) -> dict[str, float]:
         cfg, learner, rollout = self.cfg, self.learner, self.rollout
         first = self._evaluate("start") if cfg.eval.at_start and self.resumed_from is None else {}
         if first:
@@ -322,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # the disk filled up: say so plainly, the traceback adds nothing
         print(f"checkpoint error: {e}", file=sys.stderr)
         return 1
+    except RewardError as e:  # a bug in a reward function: one line naming it (the state is checkpointed)
+        if cfg.logging.verbose:
+            raise
+        if recipe.main:
+            print(f"{e.label}: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         said = collective_timeout(e, cfg) if recipe.acc.num_processes > 1 else None
         if said is None:

@@ -60,6 +60,14 @@ ROWS = [  # (overrides, the one line it prints); {d} is the folder of the data f
      "config error: rollout.backend=tests.fakes:SlowGenerator: the factory takes no chat_template_kwargs, but "
      "task.chat_template_kwargs={{'enable_thinking': False}} is set"),
     (["learner.lrr=1"], "config error: command line: bad config key 'learner.lrr': Key 'lrr' not in 'LearnerConfig'. Did you mean: 'lr'?"),
+    (["learner.betas=[0.9"], "config error: command line: 'learner.betas=[0.9': the value is not valid YAML: did not find expected "
+     "',' or ']' (quote it, or close its brackets)"),
+    (["rollout.group_size=1"], "config error: rollout.group_size=1: loss.baseline=group_mean is computed within a group and needs "
+     "rollout.group_size >= 2 (with one sample every advantage is -delta_V, whatever its reward); the baselines that accept "
+     "rollout.group_size=1: constant, running"),
+    (["rollout.group_size=1", "loss.baseline=leave_one_out"], "config error: rollout.group_size=1: loss.baseline=leave_one_out is "
+     "computed within a group and needs rollout.group_size >= 2 (with one sample every advantage is -delta_V, whatever its "
+     "reward); the baselines that accept rollout.group_size=1: constant, running"),
 ]
 
 
@@ -108,7 +116,7 @@ def test_bad_input_is_one_line_and_exit_code_2(overrides, said, tmp_path, capsys
     d = _files(tmp_path)
     run = tmp_path / "run"
     mod = load_recipe_module()
-    monkeypatch.setattr(mod, "resolve_model", asymre.models.resolve_model)
+    monkeypatch.setitem(mod.main.__globals__, "resolve_model", asymre.models.resolve_model)
     args = ["--config", CPU, *[o.format(d=d) for o in overrides], f"logging.run_dir={run}", "logging.report_to=[]"]
     assert mod.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -128,7 +136,7 @@ def test_a_tracker_unknown_or_not_installed_is_refused_at_start_up(tracker, said
 
     monkeypatch.setattr(asymre.tracking, "_installed", lambda name: name != "tensorboard")  # whatever this machine has
     mod = load_recipe_module()
-    monkeypatch.setattr(mod, "resolve_model", lambda *a, **k: pytest.fail("a model was loaded before the input was checked"))
+    monkeypatch.setitem(mod.main.__globals__, "resolve_model", lambda *a, **k: pytest.fail("a model was loaded before the input was checked"))
     assert mod.main(["--config", CPU, f"logging.report_to=[wandb,{tracker}]", f"logging.run_dir={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [said]
     assert not (tmp_path / "run").exists()
@@ -151,3 +159,192 @@ def test_accelerate_config_asking_for_what_this_machine_would_drop(tmp_path, cap
         "config error: the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true), which this run without a GPU would silently "
         "drop; launch with recipes/accelerate/cpu.yaml or cpu_ddp2.yaml (or DeepSpeed)"]
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- round two
+def _start(mod, monkeypatch, args, capsys, config=CPU):
+    """main(args) with a model load turned into a failure; returns (exit code, stderr lines)."""
+    import asymre.models
+
+    def fail(*a, **k):
+        pytest.fail("a model was loaded before the input was checked")
+
+    monkeypatch.setitem(mod.main.__globals__, "resolve_model", fail)  # the recipe's own name (runpy: its globals, not `mod`)
+    monkeypatch.setattr(asymre.models, "resolve_model", fail)
+    code = mod.main(["--config", str(config), "logging.report_to=[]", *args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_config_file_with_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, capsys, monkeypatch):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("learner:\n  lr: [1e-5\nrollout:\n  group_size: 4\n")
+    code, err = _start(load_recipe_module(), monkeypatch, [f"logging.run_dir={tmp_path / 'run'}"], capsys, broken)
+    assert code == 2 and err == [f"config error: {broken}, line 3, column 8: not valid YAML: did not find expected ',' or ']' "
+                                 f"(while parsing a flow sequence that starts at line 2, column 7)"]
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- learner\n- rollout\n")
+    code, err = _start(load_recipe_module(), monkeypatch, [], capsys, listed)
+    assert code == 2 and err == [f"config error: {listed}: a config file is a mapping of keys (learner: {{lr: ...}}), got a ListConfig"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("baseline", ["constant", "running"])
+def test_a_group_of_one_is_accepted_by_the_baselines_that_need_no_group(baseline):
+    from asymre.config import load_config
+
+    assert load_config(CPU, ["rollout.group_size=1", f"loss.baseline={baseline}"]).rollout.group_size == 1
+
+
+REWARDS = """
+from pathlib import Path
+
+FIXED = Path({fixed!r})
+
+
+def wrong_length(completions, **kw):
+    return [1.0] * len(completions) if FIXED.exists() else [1.0]
+
+
+def wrong_length_from_step_1(completions, trainer_state, **kw):
+    return [1.0] if trainer_state.global_step >= 1 and not FIXED.exists() else [0.5] * len(completions)
+
+
+def words(completions, **kw):
+    return ["yes" for _ in completions]
+
+
+def a_dict(completions, **kw):
+    return {{"score": 1.0}}
+
+
+def reads_solution(completions, solution=None, **kw):  # TRL's accuracy_reward reads the `solution` column
+    return [float(s is not None and c.strip() == str(s)) for c, s in zip(completions, solution or [None] * len(completions))]
+"""
+
+
+def _reward_module(tmp_path, monkeypatch, name: str) -> str:
+    """A user's reward file next to the run (a module name of its own: the scorer imports it once per process)."""
+    (tmp_path / f"{name}.py").write_text(REWARDS.format(fixed=str(tmp_path / "fixed")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+@pytest.mark.parametrize("fn, said", [
+    ("wrong_length", "returned 1 values for 2 completions"),
+    ("words", "returned str 'yes' for sample 0, expected a float or None"),
+    ("a_dict", "returned dict, expected a list of 16 floats")])
+def test_a_reward_of_the_wrong_shape_stops_at_start_up_naming_it(fn, said, tmp_path, capsys, monkeypatch):
+    """The preflight calls the configured rewards on reference answers before the model loads: a function that
+    breaks the contract (one number or None per completion) is one line naming it and what it returned."""
+    name = _reward_module(tmp_path, monkeypatch, f"shape_rewards_{fn}")
+    code, err = _start(load_recipe_module(), monkeypatch, [f"reward.funcs=[{name}:{fn}]", f"logging.run_dir={tmp_path / 'run'}"], capsys)
+    rows = "8 training rows"
+    if fn == "wrong_length":  # a batch call that raised nothing: the per-sample retry is not taken, the batch is 16
+        said = "returned 1 values for 16 completions"
+    assert code == 2 and err == [f"reward error: reward preflight (reference answers of {rows}): reward function "
+                                 f"'{name}:{fn}' {said} (a reward returns one float per completion, or None to abstain)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_reward_that_can_never_pay_stops_at_start_up_and_preflight_false_skips_it(tmp_path, capsys, monkeypatch):
+    """Answers the numeric reward cannot parse ('forty-two'): no reference answer scores above an empty completion,
+    so the run would train at reward 0 for its whole length. The line names the reward, the column and a row."""
+    rows = [{"question": f"What is {i} + {i}?", "result": w} for i, w in enumerate(["zero", "two", "four", "six"] * 3)]
+    data = tmp_path / "words.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["task.name=file", f"task.path={data}", "task.prompt_column=question", "task.answer_column=result", "task.eval_size=2",
+            f"logging.run_dir={tmp_path / 'run'}"]
+    mod = load_recipe_module()
+    code, err = _start(mod, monkeypatch, args, capsys)
+    assert code == 2 and err == [
+        "reward error: reward preflight: reward.funcs=['numeric'] paid none of the reference answers of 8 training rows more "
+        "than an empty completion (e.g. row 0: column 'result' = 'zero', written as 'zero', scored numeric None (abstained)); check the "
+        "task's answer column and the reward, or set reward.preflight=false for a reward that cannot score reference answers"]
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):  # past the preflight, on to the model
+        _start(mod, monkeypatch, [*args, "reward.preflight=false"], capsys)
+
+
+def test_a_reward_reading_a_column_the_task_does_not_have_stops_at_start_up(tmp_path, capsys, monkeypatch):
+    """A TRL reward that reads `solution`, on a task whose reference is in `answer`: it scores every reference 0, as it
+    does an empty completion (the run would train on reward 0 throughout)."""
+    name = _reward_module(tmp_path, monkeypatch, "column_rewards")
+    code, err = _start(load_recipe_module(), monkeypatch, [f"reward.funcs=[{name}:reads_solution]", f"logging.run_dir={tmp_path / 'run'}"],
+                       capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(
+        f"reward error: reward preflight: reward.funcs=['{name}:reads_solution'] paid none of the reference answers of 8 training rows "
+        f"more than an empty completion (e.g. row 0: column 'answer' = "), err
+    assert f"scored {name}:reads_solution 0)" in err[0]
+    (tmp_path / "solutions.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "solution": str(i + 1)}) + "\n"
+                                                     for i in range(12)))
+    with pytest.raises(pytest.fail.Exception, match="a model was loaded"):  # the same reward, on a task that has the column
+        _start(load_recipe_module(), monkeypatch, [f"reward.funcs=[{name}:reads_solution]", "task.name=file",
+                                                   f"task.path={tmp_path / 'solutions.jsonl'}", "task.answer_column=solution",
+                                                   "task.eval_size=2", f"logging.run_dir={tmp_path / 'run'}"], capsys)
+
+
+def _shipped_runs():
+    from tests.test_recipes import HARDWARE, _data_overrides, _runs
+
+    return [(path, own + HARDWARE + _data_overrides(path)) for path, own in _runs()]
+
+
+@pytest.mark.parametrize("path, overrides", _shipped_runs(), ids=[p for p, _ in _shipped_runs()])
+def test_the_reward_preflight_passes_on_every_shipped_config(path, overrides):
+    """Each shipped config's reward pays its task's reference answers (on the committed fixtures of its datasets)."""
+    from asymre.config import load_config
+    from asymre.rewards import RewardScorer
+    from asymre.rewards.preflight import preflight
+    from asymre.tasks import build_task
+
+    cfg = load_config(ROOT / path, overrides)
+    assert cfg.reward.preflight
+    train, _ = build_task(cfg.task)
+    paid = preflight(RewardScorer.from_config(cfg), train)
+    assert set(paid) == set(cfg.reward.funcs) and max(paid.values()) > 0
+
+
+@pytest.mark.parametrize("path, overrides", _shipped_runs(), ids=[p for p, _ in _shipped_runs()])
+@pytest.mark.parametrize("bad, said", [
+    (["rollout.group_size=1"], "config error: rollout.group_size=1: loss.baseline=group_mean is computed within a group"),
+    (["rollout.temperature=-1"], "config error: rollout.temperature=-1.0 must be >= 0"),
+    (["learner.lrr=1"], "config error: command line: bad config key 'learner.lrr'"),
+    (["reward.funcs=[no_such_reward]", "reward.weights=[]"], "reward error: reward 'no_such_reward': not a built-in"),
+    (["task.name=file", "task.path={d}/missing.jsonl"], "data error: {d}/missing.jsonl: no such file or folder"),
+    (["model.name={d}/no_model"], "model error: model.name={d}/no_model: looked for a local folder"),
+    (["logging.report_to=[tensorbord]"], "config error: logging.report_to: 'tensorbord' is not a tracker")])
+def test_start_up_errors_hold_on_every_shipped_config(path, overrides, bad, said, tmp_path, capsys, monkeypatch):
+    """The start-up checks of every round, on each shipped config (not only the default one) and example: one line,
+    exit 2, before any model loads. (The group-of-one row applies to the configs training with the group mean.)"""
+    from asymre.config import load_config
+
+    if bad == ["rollout.group_size=1"] and load_config(ROOT / path, overrides).loss.baseline != "group_mean":
+        pytest.skip("this config's baseline accepts a group of one")
+    mod = load_recipe_module()
+    args = [*overrides, *[b.format(d=tmp_path) for b in bad], f"logging.run_dir={tmp_path / 'run'}"]
+    code, err = _start(mod, monkeypatch, args, capsys, ROOT / path)
+    assert code == 2 and len(err) == 1 and err[0].startswith(said.format(d=tmp_path)), err
+    assert not (tmp_path / "run").exists() or sorted(p.name for p in (tmp_path / "run").iterdir()) in ([], ["config.json"])
+
+
+@pytest.mark.slow
+def test_a_reward_that_breaks_the_contract_mid_run_stops_in_one_line_and_the_run_resumes_once_fixed(tmp_path, capsys, monkeypatch):
+    """Past the preflight (reward.preflight=false), the second step's scoring finds a list of the wrong length: one
+    line naming the function and both lengths, exit 2, and the first step's state checkpointed, so that once the
+    function is fixed `resume=auto` continues the same run folder from it to the end."""
+    name = _reward_module(tmp_path, monkeypatch, "midrun_rewards")
+    run = tmp_path / "run"
+    args = ["--config", CPU, f"reward.funcs=[{name}:wrong_length_from_step_1]", "reward.preflight=false", "rollout.backend=hf",
+            "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=4", "learner.groups_per_step=2",
+            "learner.steps=2", "eval.at_start=false", "eval.at_end=false", "checkpoint.save_final_model=false",
+            "logging.progress=false", "logging.report_to=[]", f"logging.run_dir={run}"]
+    mod = load_recipe_module()
+    assert mod.main(args) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert err == [f"reward error: reward function '{name}:wrong_length_from_step_1' returned 1 values for 4 completions (a reward "
+                   f"returns one float per completion, or None to abstain); stopped at learner step 1, checkpointed in {run}: fix the reward "
+                   f"and continue with resume=auto"], err
+    (tmp_path / "fixed").write_text("")  # the user fixes the function
+    assert mod.main([*args, "resume=auto"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss/value" in r] == [1, 2]  # step 1 from the first launch, step 2 resumed

@@ -188,3 +188,7 @@ def test_fsdp2_bf16_learner_starts_and_steps_on_two_ranks(tmp_path):
     assert len(main["names"]) == r["tensors"] and main["bf16"] and main["on_host"] and main["equal"] and main["tied_once"], main
     assert other["names"] == [], other
     assert "lm_head.weight" in main["names"], main["names"]  # the tied name the other rank must skip as rank 0 does
+    # a colocated push streams instead (Learner.stream_state): the same bf16 weights on both ranks, read lazily
+    for i in (0, 1):
+        st = json.loads((tmp_path / f"rank{i}.stream").read_text())
+        assert st["lazy"] and st["names"] == main["names"] and st["equal"] and st["tied_once"], st

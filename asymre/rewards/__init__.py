@@ -56,6 +56,14 @@ class RewardError(RuntimeError):
     label = "reward error"
 
 
+class RewardContractError(RewardError):
+    """A reward function returned something that is not one number or None per completion (a list of the wrong length,
+    not a list, a string in it): a bug in the function, not a sample it could not score, so the run stops on it."""
+
+
+CONTRACT = "a reward returns one float per completion, or None to abstain"
+
+
 @dataclass
 class TrainerState:
     """The part of TRL's `TrainerState` a reward can read here: shape rewards by training progress."""
@@ -162,6 +170,7 @@ class _Outcome:
     values: list[float | None]
     reasons: Counter = field(default_factory=Counter)  # failure reason -> samples lost to it
     problem: str | None = None  # what to log (a traceback or a description), once
+    contract: str | None = None  # how the function broke the reward contract (the run stops on it)
 
 
 @dataclass
@@ -225,6 +234,7 @@ class RewardScorer:
                 out.values[j] = one.values[0]
                 out.reasons.update(one.reasons)
                 out.problem = out.problem or one.problem
+                out.contract = out.contract or (one.contract and f"called on sample {j} alone, {one.contract}")
         if first_bad is not None:
             j, e = first_bad
             others = out.reasons["raised"] - 1
@@ -269,9 +279,11 @@ class RewardScorer:
         if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
             values = values.tolist()  # numpy array, torch tensor
         if not isinstance(values, (list, tuple)):
-            return _Outcome([None] * n, Counter(wrong_type=n), f"returned {type(values).__name__}, expected a list of {n} floats")
+            said = f"returned {type(values).__name__}, expected a list of {n} floats"
+            return _Outcome([None] * n, Counter(wrong_type=n), said, said)
         if len(values) != n:
-            return _Outcome([None] * n, Counter(wrong_length=n), f"returned {len(values)} values for {n} samples")
+            said = f"returned {len(values)} values for {n} completions"
+            return _Outcome([None] * n, Counter(wrong_length=n), said, said)
         out = _Outcome([])
         for j, v in enumerate(values):
             if hasattr(v, "item") and not isinstance(v, numbers.Real):
@@ -287,7 +299,8 @@ class RewardScorer:
             else:
                 out.values.append(None)
                 out.reasons["wrong_type"] += 1
-                out.problem = out.problem or f"returned {type(v).__name__} {v!r} for sample {j}, expected a float or None"
+                out.problem = out.problem or f"returned {type(v).__name__} {_short(v)} for sample {j}, expected a float or None"
+                out.contract = out.problem
         return out
 
     # ----------------------------------------------------------------------------------- a batch
@@ -301,7 +314,11 @@ class RewardScorer:
         logged: dict[str, list[float]] = defaultdict(list)
         reasons: Counter[str] = Counter()
         metrics: dict[str, float] = {}
-        for i, (spec, outcome) in enumerate(zip(self.specs, self._outcomes(flat, step, logged))):
+        outcomes = self._outcomes(flat, step, logged)
+        for spec, outcome in zip(self.specs, outcomes):
+            if outcome.contract:
+                raise RewardContractError(f"reward function {spec!r} {outcome.contract} ({CONTRACT})")
+        for i, (spec, outcome) in enumerate(zip(self.specs, outcomes)):
             for why, count in outcome.reasons.items():
                 if count:
                     reasons[f"{spec}:{why}"] += count
@@ -332,6 +349,11 @@ class RewardScorer:
 
     def close(self) -> None:
         """Nothing to release: abandoned calls live on daemon threads."""
+
+
+def _short(v: Any, limit: int = 40) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _format(e: BaseException, sample: int | None) -> str:

@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from accelerate.utils import broadcast_object_list
 
 from asymre.buffer import ReplayBuffer
 from asymre.data import Prompt, TrajectoryGroup
 from asymre.loss import NEEDS_BEHAVIOUR_LOGPROBS
 from asymre.models import torch_dtype
-from asymre.rewards import RewardScorer
+from asymre.rewards import RewardContractError, RewardError, RewardScorer
 from asymre.rollout import generator_from_config
 from asymre.rollout.base import Generator, SamplingSpec, derive_seed
 from asymre.rollout.worker import PoolEngine, WorkerPool
@@ -49,6 +50,17 @@ def host_copy(state: Weights, dtype=None) -> Weights:
             seen[key] = v.detach().to("cpu", cast, copy=True)
         out[k] = seen[key]
     return out
+
+
+class WeightStream:
+    """(name, tensor) pairs read once, in order, as a push's state: `items()` is the stream itself (an in-process
+    push reads `state.items()` and nothing else)."""
+
+    def __init__(self, items: Iterator[tuple[str, torch.Tensor]]):
+        self._items = items
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._items
 
 
 @contextmanager
@@ -137,12 +149,12 @@ class Rollout:
         self.rounds = state["rounds"]
         self.buffer.load_state_dict(state["buffer"])
         self.prompts.load_state_dict(state["prompts"])
-        weights = behaviour if behaviour is not None else self.weights()
         version = state["engine_version"] if behaviour is not None else learner_step
-        self._restore(weights, version, behaviour)
+        self._restore(version, behaviour)
         return version
 
-    def _restore(self, weights: Weights, version: int, behaviour: Weights | None) -> None:
+    def _restore(self, version: int, behaviour: Weights | None) -> None:
+        """The engines get `behaviour` (tagged `version`), or the learner's weights where it is None."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -151,16 +163,51 @@ class Rollout:
 
 class ColocatedRollout(Rollout):
     def __init__(self, cfg, accelerator, model_path: str, train_prompts: list[Prompt], sync: WeightSync,
-                 weights: Callable[[], Weights], scorer: RewardScorer):
+                 weights: Callable[[], Weights], scorer: RewardScorer, stream: Callable[[], WeightStream | None] | None = None):
         super().__init__(cfg, accelerator, train_prompts, sync, weights, (accelerator.process_index, accelerator.num_processes), 1)
         self.scorer = scorer
+        self.stream = stream  # the learner's weights one tensor at a time, where it shards them (Learner.stream_state)
         self.keeps_behaviour = cfg.sync.interval > 1
         with whole_models(accelerator):
             self.engine = generator_from_config(cfg, model_path, accelerator.process_index, world=accelerator.num_processes)
         # A host copy of the weights the engine holds, while it lags the learner (sync.interval > 1): evaluations
         # and checkpoints need them back (one model's worth of memory, in the engine's dtype, on the main process
         # only: it alone evaluates and writes checkpoints). The engine starts on the learner's weights.
-        self.last_pushed: Weights = self._copy(weights())
+        self.last_pushed: Weights = self._push_learner(None, to_engine=False, keep=self._keeps())[1] if self.keeps_behaviour else {}
+
+    def _keeps(self) -> bool:
+        return self.keeps_behaviour and self.acc.is_main_process
+
+    def _push_learner(self, version: int | None, to_engine: bool, keep: bool) -> tuple[float, Weights]:
+        """Push the learner's weights into this rank's engine (if `to_engine`); returns the seconds taken and, if
+        `keep`, a host copy of them in the engine's dtype (the behaviour weights). Collective where the learner is
+        sharded: there each tensor is gathered, loaded and dropped in turn (no whole copy is built, on the device
+        or the host), and every rank reads the stream to its end whatever its engine took (or an exception it
+        raised), so the ranks make the same all-gathers."""
+        items = self.stream() if self.stream is not None and self.sync.resolve_method([self.engine]) == "inprocess" else None
+        if items is None:
+            state = self.weights()
+            seconds = self.sync.push(state, version, [self.engine]) if to_engine else 0.0
+            return seconds, self._copy(state) if keep else {}
+        kept: Weights = {}
+
+        def tee():
+            copies: dict = {}
+            for name, t in items:
+                if keep:
+                    key = tensor_identity(t)
+                    kept[name] = copies.get(key)
+                    if kept[name] is None:
+                        kept[name] = copies[key] = t.detach().to("cpu", copy=True)  # already in the engine's dtype
+                yield name, t
+
+        stream = tee()
+        try:
+            seconds = self.sync.push(WeightStream(stream), version, [self.engine]) if to_engine else 0.0
+        finally:
+            for _ in stream:  # the rest of the all-gathers (an engine that stopped early, or none here)
+                pass
+        return seconds, kept
 
     def _copy(self, state: Weights) -> Weights:
         """The engine's weights while it lags the learner, in host memory (on a GPU a device copy would cost a second
@@ -171,20 +218,26 @@ class ColocatedRollout(Rollout):
         """Generate rounds with the (possibly stale) engine until enough fresh groups are buffered."""
         n = self.cfg.learner.groups_per_step
         metrics: dict[str, float] = {}
-        while self.buffer.available(learner_step) < max(n, self.cfg.buffer.min_groups):
-            t0 = time.perf_counter()
-            groups = self.engine.generate(self.prompts.take(self.cfg.rollout.prompts_per_step), self._spec())
-            metrics["perf/generation_seconds"] = metrics.get("perf/generation_seconds", 0.0) + time.perf_counter() - t0
-            metrics.update(self.scorer.score(groups, learner_step))
-            self.buffer.add(groups)
+        failed: RewardError | None = None
+        try:
+            while self.buffer.available(learner_step) < max(n, self.cfg.buffer.min_groups):
+                t0 = time.perf_counter()
+                groups = self.engine.generate(self.prompts.take(self.cfg.rollout.prompts_per_step), self._spec())
+                metrics["perf/generation_seconds"] = metrics.get("perf/generation_seconds", 0.0) + time.perf_counter() - t0
+                metrics.update(self.scorer.score(groups, learner_step))
+                self.buffer.add(groups)
+        except RewardError as e:
+            failed = e
+        failed = agree_on_error(self.acc, failed)  # every rank stops together, on the first rank's error
+        if failed is not None:
+            raise failed
         if self.cfg.rollout.sleep_level:
             self.engine.sleep()  # the learner trains next: its memory back until the next push or round
         return self.buffer.sample(n, learner_step), metrics
 
     def push(self, version):
-        state = self.weights()
-        seconds = self.sync.push(state, version, [self.engine])
-        self.last_pushed = self._copy(state)
+        self.last_pushed = {}  # the old copy freed before the new one is made
+        seconds, self.last_pushed = self._push_learner(version, to_engine=True, keep=self._keeps())
         return seconds
 
     @property
@@ -200,11 +253,9 @@ class ColocatedRollout(Rollout):
         gather, a collective, and keep their engines as they are: they do not evaluate)."""
         behind = self.engine.version != learner_step
         if behind:
-            state = self.weights()
-            behind = self.acc.is_main_process
-        if behind:
             behaviour_version, behaviour = self.engine.version, self.last_pushed  # the engine copies it in: no clone
-            self.sync.push(state, learner_step, [self.engine])
+            self._push_learner(learner_step, to_engine=self.acc.is_main_process, keep=False)
+            behind = self.acc.is_main_process
         try:
             yield self.engine if self.acc.is_main_process else None
         finally:
@@ -213,15 +264,16 @@ class ColocatedRollout(Rollout):
 
     def finish(self, learner_step):
         if self.engine.version != learner_step:
-            self.sync.push(self.weights(), learner_step, [self.engine])
             self.last_pushed = {}
+            self._push_learner(learner_step, to_engine=True, keep=False)
 
-    def _restore(self, weights, version, behaviour):
-        self.sync.push(weights, version, [self.engine])
-        if behaviour is not None:  # every rank's engine got them; the main process keeps them
+    def _restore(self, version, behaviour):
+        if behaviour is not None:  # every rank's engine gets them; the main process keeps them
+            self.sync.push(behaviour, version, [self.engine])
             self.last_pushed = behaviour if self.acc.is_main_process else {}
-        else:
-            self.last_pushed = self._copy(weights)  # the learner's, gathered once
+        else:  # the learner's, gathered once
+            self.last_pushed = {}
+            _, self.last_pushed = self._push_learner(version, to_engine=True, keep=self._keeps())
 
     def close(self):
         self.engine.close()
@@ -267,7 +319,8 @@ class AsyncRollout(Rollout):
                 self.buffer.add(groups)
                 metrics.update(m)
             if pool.reward_errors:
-                raise RuntimeError(pool.reward_errors[0])
+                kind, said = pool.reward_errors[0]
+                raise (RewardContractError if kind == "contract" else RewardError)(said)
             if self.buffer.available(learner_step) >= need:
                 return metrics
 
@@ -275,11 +328,17 @@ class AsyncRollout(Rollout):
         ranks = self.acc.num_processes
         n = self.cfg.learner.groups_per_step * ranks
         everything, metrics = None, {}
+        failed: RewardError | None = None
         if self.main:
-            metrics = self._collect(learner_step, max(n, self.cfg.buffer.min_groups))
-            everything = self.buffer.sample(n, learner_step)
+            try:
+                metrics = self._collect(learner_step, max(n, self.cfg.buffer.min_groups))
+                everything = self.buffer.sample(n, learner_step)
+            except RewardError as e:  # the other ranks wait in the broadcast: they get the error instead of groups
+                failed = e
         if ranks > 1:
-            everything = broadcast_object_list([everything])[0]
+            everything, failed = broadcast_object_list([(everything, failed)])[0]
+        if failed is not None:
+            raise failed
         return everything[self.acc.process_index :: ranks], metrics
 
     def _copy(self, state: Weights) -> Weights:
@@ -328,7 +387,8 @@ class AsyncRollout(Rollout):
                 self.sync.push(state, learner_step, self.pool.handles)
             self.pushed_version, self.last_pushed = learner_step, {}
 
-    def _restore(self, weights, version, behaviour):
+    def _restore(self, version, behaviour):
+        weights = behaviour if behaviour is not None else self.weights()
         if self.main:
             self.sync.push(weights, version, self.pool.handles)
         self.pushed_version, self.last_pushed = version, self._copy(weights)
@@ -339,9 +399,21 @@ class AsyncRollout(Rollout):
         super().close()
 
 
+def agree_on_error(accelerator, error: RewardError | None) -> RewardError | None:
+    """The first rank's reward error, on every rank (one all-gather when there are several ranks, so all of them
+    stop at the same point instead of the others waiting out learner.dist_timeout_s in the next step's collective)."""
+    if accelerator.num_processes == 1:
+        return error
+    import torch.distributed as dist
+
+    errors: list = [None] * accelerator.num_processes
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
 def make_rollout(cfg, accelerator, model_path: str, train_prompts: list[Prompt], sync: WeightSync, weights: Callable[[], Weights],
-                 scorer: RewardScorer, vocab_size: int) -> Rollout:
-    """rollout.mode picks the implementation."""
+                 scorer: RewardScorer, vocab_size: int, stream: Callable[[], WeightStream | None] | None = None) -> Rollout:
+    """rollout.mode picks the implementation; `stream` (colocated only): the learner's weights one tensor at a time."""
     if cfg.rollout.mode == "async":
         return AsyncRollout(cfg, accelerator, model_path, train_prompts, sync, weights, vocab_size)
-    return ColocatedRollout(cfg, accelerator, model_path, train_prompts, sync, weights, scorer)
+    return ColocatedRollout(cfg, accelerator, model_path, train_prompts, sync, weights, scorer, stream)

@@ -56,7 +56,7 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
         gen = factory(*factory_args, **factory_kwargs)
         scorer, channel = None, None
         if scorer_config is not None:
-            from asymre.rewards import RewardScorer
+            from asymre.rewards import RewardContractError, RewardScorer
 
             scorer = RewardScorer.from_config(scorer_config)
         out_q.put(("ready", index, None))
@@ -97,7 +97,8 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
                     try:
                         metrics.update(scorer.score(groups, step))
                     except Exception as e:  # noqa: BLE001 - sent to the learner, which decides
-                        out_q.put(("reward_error", index, (rid, str(e))))
+                        kind = "contract" if isinstance(e, RewardContractError) else "failed"
+                        out_q.put(("reward_error", index, (rid, (kind, str(e)))))
                         continue
                 out_q.put(("groups", index, (rid, groups, metrics)))
             elif kind == "evaluate":

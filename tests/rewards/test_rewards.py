@@ -74,7 +74,7 @@ def wrong_length(prompts, completions, **kw):
     return [1.0]
 
 
-@pytest.mark.parametrize("fn, reason", [("raises", "raised"), ("wrong_length", "wrong_length"), ("all_none", "none_or_nan")])
+@pytest.mark.parametrize("fn, reason", [("raises", "raised"), ("all_none", "none_or_nan")])
 def test_failing_reward_alone_stops_the_step_naming_it(fn, reason):
     scorer = RewardScorer([f"tests.rewards.test_rewards:{fn}"], timeout_s=2)
     with pytest.raises(RewardError, match=f"tests.rewards.test_rewards:{fn}:{reason}"):
@@ -175,3 +175,17 @@ def test_reward_module_in_the_launch_folder_needs_no_pythonpath(tmp_path):
     r = subprocess.run([sys.executable, "-P", "-c", code, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["[1.0]", "[2.0]", "0"]  # both found, and the import path untouched
+
+
+def test_a_reward_of_the_wrong_length_stops_the_run_naming_it_and_the_lengths():
+    """A list of the wrong length is a bug in the function (it would pair rewards with the wrong completions if
+    trusted): the scorer stops, even when another function scored every sample, naming the function and both lengths."""
+    from asymre.rewards import RewardContractError
+
+    scorer = RewardScorer(["numeric", "tests.rewards.test_rewards:wrong_length"], timeout_s=2)
+    groups = _groups(["5", "6", "7"])
+    with pytest.raises(RewardContractError) as e:
+        scorer.score(groups)
+    assert str(e.value) == ("reward function 'tests.rewards.test_rewards:wrong_length' returned 1 values for 3 completions "
+                            "(a reward returns one float per completion, or None to abstain)")
+    assert rewards_of(groups[0]) == [None] * 3  # nothing half-scored

@@ -161,3 +161,52 @@ def test_only_the_main_colocated_rank_keeps_the_behaviour_weights(main, model_pa
     else:
         assert kept == [{}, {}, {}]
     r.close()
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_a_sharded_learners_push_streams_one_tensor_at_a_time_and_every_rank_reads_it_all(main, model_path, tmp_path):
+    """Under FSDP2 / ZeRO-3 a colocated push reads the learner's weights as a stream (each tensor all-gathered as it
+    is read): the engine loads it as it comes, the main process keeps its host copy of the behaviour weights (a tied
+    tensor once), and every rank reads the stream to its end even when its engine stops early with an error (else the
+    ranks' all-gathers would stop matching and the node hang); the error still reaches the caller."""
+    from asymre.rollout.modes import ColocatedRollout
+
+    cfg = load_config(None, ["rollout.backend=tests.fakes:ReplyGenerator", "sync.interval=2", f"logging.run_dir={tmp_path}"])
+    acc = SimpleNamespace(is_main_process=main, num_processes=2, process_index=0 if main else 1, state=SimpleNamespace(deepspeed_plugin=None))
+    read: list[str] = []
+    learner = {"emb": torch.ones(2, 2), "w": torch.full((3,), 2.0)}
+
+    def stream():
+        for name in ("emb", "w", "lm_head"):
+            read.append(name)
+            yield name, learner["emb" if name == "lm_head" else name]
+
+    def whole():
+        raise AssertionError("a sharded learner's push gathered a whole copy")
+
+    r = ColocatedRollout(cfg, acc, str(model_path), _prompts(2, "t"), WeightSync.from_config(cfg, tmp_path), whole,
+                         RewardScorer(["numeric"]), stream=stream)
+    assert read == ["emb", "w", "lm_head"]  # the start's behaviour copy
+    read.clear()
+    r.push(2)
+    assert read == ["emb", "w", "lm_head"] and r.engine.version == 2 and r.engine.weights_sum == 4 + 6 + 4
+    if main:
+        assert sorted(r.last_pushed) == ["emb", "lm_head", "w"] and r.last_pushed["lm_head"] is r.last_pushed["emb"]
+        assert r.last_pushed["w"].tolist() == [2.0] * 3 and r.last_pushed["w"] is not learner["w"]
+    else:
+        assert r.last_pushed == {}
+
+    def stops_after_one(weights, version):
+        next(iter(weights))
+        raise RuntimeError("engine refused a weight")
+
+    read.clear()
+    r.engine.load_weights = stops_after_one
+    with pytest.raises(RuntimeError, match="engine refused"):
+        r.push(4)
+    assert read == ["emb", "w", "lm_head"]
+    read.clear()
+    del r.engine.load_weights  # the fake's own again
+    with r.evaluation_engine(4) as engine:  # the engine lags: the learner's weights lent on the main process only
+        assert read == ["emb", "w", "lm_head"] and (engine is r.engine if main else engine is None)
+    r.close()

@@ -3,6 +3,7 @@
 set by the test) and take one step; each rank writes what it saw. `torchrun --nproc_per_node 2
 tests/scripts/fsdp2_learner.py OUT_DIR MODEL_DIR`"""
 
+import inspect
 import json
 import sys
 from datetime import timedelta
@@ -39,6 +40,13 @@ def main() -> None:
     # a push from the main process alone, in the engine's dtype: every rank takes part in the all-gathers (a rank that
     # skipped one, e.g. the tied lm_head, would hang the others), the main process keeps bf16 host copies, the other none
     pushed = learner.full_state_dict(dtype=torch.bfloat16)
+    # a colocated push's stream: one tensor all-gathered as it is read, left on the device, in the engine's dtype
+    stream = learner.stream_state(torch.bfloat16)
+    lazy = inspect.isgenerator(stream)
+    streamed = dict(stream)
+    Path(out, f"rank{acc.process_index}.stream").write_text(json.dumps({
+        "lazy": lazy, "names": sorted(streamed), "tied_once": streamed["lm_head.weight"] is streamed["model.embed_tokens.weight"],
+        "equal": all(v.dtype == torch.bfloat16 and torch.equal(v, after[k].to(torch.bfloat16)) for k, v in streamed.items())}))
     Path(out, f"rank{acc.process_index}.pushed").write_text(json.dumps({
         "names": sorted(pushed), "bf16": all(v.dtype == torch.bfloat16 for v in pushed.values()),
         "on_host": all(v.device.type == "cpu" for v in pushed.values()),
