@@ -5,7 +5,7 @@
 
 Each entry names the line it breaks (the exact text, so an entry whose line moved or changed fails
 `tests/test_mutations.py` in the fast tier and gets updated with the code), what the break means, and the tests
-that catch it; all but the vLLM version tag are caught by the fast tier. The source file is restored after each
+that catch it; all but the vLLM version tag and the mid-run reward stop are caught by the fast tier. The source file is restored after each
 run, whatever happens.
 """
 
@@ -44,9 +44,24 @@ MUTATIONS = [
              "behaviour = self.rollout.behaviour(step)", "behaviour = self.learner.full_state_dict()",
              ("tests/test_offpolicy_checkpoint.py",)),
     Mutation("resume gives the engine the learner's weights instead of the saved behaviour weights", "asymre/rollout/modes.py",
-             "        self.sync.push(weights, version, [self.engine])\n        if behaviour is not None:",
-             "        self.sync.push(self.weights(), version, [self.engine])\n        if behaviour is not None:",
+             "            self.sync.push(behaviour, version, [self.engine])\n            self.last_pushed = behaviour if",
+             "            self.sync.push(self.weights(), version, [self.engine])\n            self.last_pushed = behaviour if",
              ("tests/test_offpolicy_checkpoint.py",)),
+    Mutation("a reward that returns the wrong length or type is trusted (samples dropped, the run goes on)", "asymre/rewards/__init__.py",
+             "            if outcome.contract:", "            if outcome.contract and False:",
+             ("tests/rewards/test_rewards.py::test_a_reward_of_the_wrong_length_stops_the_run_naming_it_and_the_lengths",
+              "tests/test_bad_input.py::test_a_reward_of_the_wrong_shape_stops_at_start_up_naming_it")),
+    Mutation("the preflight passes a reward that pays references no more than an empty completion", "asymre/rewards/preflight.py",
+             "t.reward > min(totals)", "t.reward >= min(totals)",
+             ("tests/test_bad_input.py::test_a_reward_reading_a_column_the_task_does_not_have_stops_at_start_up",)),
+    Mutation("a sharded push stops reading the stream where the engine stopped (the ranks' all-gathers part ways)", "asymre/rollout/modes.py",
+             "            for _ in stream:  # the rest", "            for _ in []:  # the rest",
+             ("tests/rollout/test_modes.py::test_a_sharded_learners_push_streams_one_tensor_at_a_time_and_every_rank_reads_it_all",)),
+    Mutation("a reward error mid-run stops without checkpointing the last step", "recipes/train.py",
+             "        try:\n            self._save_checkpoint()\n        except CheckpointError as ce:",
+             "        try:\n            pass\n        except CheckpointError as ce:",
+             ("tests/test_bad_input.py::test_a_reward_that_breaks_the_contract_mid_run_stops_in_one_line_and_the_run_resumes_once_fixed",),
+             fast=False),
     Mutation("the vLLM generator tags every group with version 0", "asymre/rollout/vllm_engine.py",
              "trajectories=trajs, version=self.version)", "trajectories=trajs, version=0)",
              ("tests/rollout/test_vllm_engine.py::test_vllm_generate_buffer_learn_push",), fast=False),
@@ -56,9 +71,9 @@ MUTATIONS = [
              "return learner_step > 0 and (learner_step + 1) % self.interval == 0",
              ("tests/test_learner.py::test_weight_push_is_due_every_interval_steps", "tests/test_offpolicy_checkpoint.py")),
     Mutation("collected groups are tagged with the learner's step instead of the engine's version", "asymre/rollout/modes.py",
-             "            metrics.update(self.scorer.score(groups, learner_step))\n            self.buffer.add(groups)\n        if",
-             "            metrics.update(self.scorer.score(groups, learner_step))\n"
-             "            [setattr(g, 'version', learner_step) for g in groups]\n            self.buffer.add(groups)\n        if",
+             "                metrics.update(self.scorer.score(groups, learner_step))\n                self.buffer.add(groups)\n        except",
+             "                metrics.update(self.scorer.score(groups, learner_step))\n"
+             "                [setattr(g, 'version', learner_step) for g in groups]\n                self.buffer.add(groups)\n        except",
              ("tests/test_offpolicy_checkpoint.py",)),
     Mutation("shared prompts: the completions' gradient does not flow back into the prompt (its KV cache detached)",
              "asymre/learner.py", "            cache.reorder_cache(sel)  # [n, ...] -> [b, ...]\n",
