@@ -1,5 +1,5 @@
 """Two CPU processes (gloo) shard a small model with FSDP2 (`fully_shard`) and gather it with
-`asymre.learner.gather_fsdp2`; each rank writes whether it got every weight whole, and whether the tied pair stayed one
+`asymre.gather.gather_fsdp2`; each rank writes whether it got every weight whole, and whether the tied pair stayed one
 tensor. `torchrun --nproc_per_node 2 tests/scripts/fsdp2_gather.py OUT_DIR`"""
 
 import json
@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from asymre.learner import gather_fsdp2
+from asymre.gather import gather_fsdp2
 
 
 class Tied(torch.nn.Module):
