@@ -375,13 +375,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. learner.lr=1e-5)")
-            try:
-                OmegaConf.from_dotlist([item])
-            except yaml.YAMLError as e:  # OmegaConf parses each value as YAML
-                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-                raise ConfigError(f"command line: {item!r}: the value is not valid YAML: {problem} (quote it, or close "
-                                  f"its brackets)") from None
-        layers.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
+        layers.append((_load_overrides(list(overrides)), "command line"))
     try:
         merged = base
         for layer, source in layers:
@@ -393,6 +387,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except OmegaConfBaseException as e:
         raise _explain(e, "config") from None
     return validate(cfg)  # type: ignore[arg-type]
+
+
+def _load_overrides(overrides: list[str]):
+    """The command line's key=value pairs; OmegaConf parses each value as YAML, and a value that is not (an unclosed
+    bracket) is one ConfigError naming that pair (the pairs are parsed one by one only to find it)."""
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except yaml.YAMLError:
+        for item in overrides:
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as e:
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"command line: {item!r}: the value is not valid YAML: {problem} (quote it, or close "
+                                  f"its brackets)") from None
+        raise
 
 
 def _load_yaml(p: Path):

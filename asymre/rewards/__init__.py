@@ -279,11 +279,9 @@ class RewardScorer:
         if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
             values = values.tolist()  # numpy array, torch tensor
         if not isinstance(values, (list, tuple)):
-            said = f"returned {type(values).__name__}, expected a list of {n} floats"
-            return _Outcome([None] * n, Counter(wrong_type=n), said, said)
+            return _Outcome([None] * n, contract=f"returned {type(values).__name__}, expected a list of {n} floats")
         if len(values) != n:
-            said = f"returned {len(values)} values for {n} completions"
-            return _Outcome([None] * n, Counter(wrong_length=n), said, said)
+            return _Outcome([None] * n, contract=f"returned {len(values)} values for {n} completions")
         out = _Outcome([])
         for j, v in enumerate(values):
             if hasattr(v, "item") and not isinstance(v, numbers.Real):
@@ -298,9 +296,7 @@ class RewardScorer:
                 out.reasons["none_or_nan"] += bad
             else:
                 out.values.append(None)
-                out.reasons["wrong_type"] += 1
-                out.problem = out.problem or f"returned {type(v).__name__} {_short(v)} for sample {j}, expected a float or None"
-                out.contract = out.problem
+                out.contract = out.contract or f"returned {type(v).__name__} {_short(v)} for sample {j}, expected a float or None"
         return out
 
     # ----------------------------------------------------------------------------------- a batch

@@ -14,7 +14,7 @@ reads `completion_ids` sees them empty here.
 from __future__ import annotations
 
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
-from asymre.rewards import RewardError, RewardScorer
+from asymre.rewards import RewardContractError, RewardError, RewardScorer
 
 ROWS = 8  # the handful of rows scored
 
@@ -49,9 +49,10 @@ def preflight(scorer: RewardScorer, prompts: list[Prompt], answer_column: str = 
         groups.append(TrajectoryGroup(p, [], [Trajectory([], text, "stop"), Trajectory([], "", "stop")], 0))
     try:
         scorer.score(groups, step=0)
-    except RewardError as e:
-        if "every sample of this step failed" not in str(e):
-            raise RewardError(f"reward preflight (reference answers of {len(rows)} training rows): {e}") from None
+    except RewardContractError as e:
+        raise RewardError(f"reward preflight (reference answers of {len(rows)} training rows): {e}") from None
+    except RewardError:  # every sample failed (raised, timed out, abstained): none paid, said below
+        pass
     refs = [g.trajectories[0] for g in groups]
     totals = [t.reward for g in groups for t in g.trajectories if t.reward is not None]
     if any(t.reward is not None and t.reward > min(totals) for t in refs):

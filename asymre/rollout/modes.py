@@ -42,14 +42,25 @@ def host_copy(state: Weights, dtype=None) -> Weights:
     """Weights kept to be given back to engines later: in host memory, never a second copy on the learner's device;
     floating tensors in `dtype`, the engines' (what they hold, so giving them back is exact, at half the memory of
     float32 masters for bf16). A tensor under two names (a tied lm_head) is copied once."""
-    out, seen = {}, {}
+    copies = HostCopies(dtype)
     for k, v in state.items():
+        copies.add(k, v)
+    return copies.out
+
+
+class HostCopies:
+    """`host_copy` one tensor at a time (for weights read as a stream): `out` holds them by name, a tensor under two
+    names copied once."""
+
+    def __init__(self, dtype=None):
+        self.dtype, self.out, self._seen = dtype, {}, {}
+
+    def add(self, name: str, v: torch.Tensor) -> None:
         key = tensor_identity(v)
-        if key not in seen:
-            cast = dtype if dtype is not None and v.is_floating_point() else v.dtype
-            seen[key] = v.detach().to("cpu", cast, copy=True)
-        out[k] = seen[key]
-    return out
+        if key not in self._seen:
+            cast = self.dtype if self.dtype is not None and v.is_floating_point() else v.dtype
+            self._seen[key] = v.detach().to("cpu", cast, copy=True)
+        self.out[name] = self._seen[key]
 
 
 class WeightStream:
@@ -189,16 +200,12 @@ class ColocatedRollout(Rollout):
             state = self.weights()
             seconds = self.sync.push(state, version, [self.engine]) if to_engine else 0.0
             return seconds, self._copy(state) if keep else {}
-        kept: Weights = {}
+        kept = HostCopies()  # the stream is in the engine's dtype already
 
         def tee():
-            copies: dict = {}
             for name, t in items:
                 if keep:
-                    key = tensor_identity(t)
-                    kept[name] = copies.get(key)
-                    if kept[name] is None:
-                        kept[name] = copies[key] = t.detach().to("cpu", copy=True)  # already in the engine's dtype
+                    kept.add(name, t)
                 yield name, t
 
         stream = tee()
@@ -207,7 +214,7 @@ class ColocatedRollout(Rollout):
         finally:
             for _ in stream:  # the rest of the all-gathers (an engine that stopped early, or none here)
                 pass
-        return seconds, kept
+        return seconds, kept.out
 
     def _copy(self, state: Weights) -> Weights:
         """The engine's weights while it lags the learner, in host memory (on a GPU a device copy would cost a second
