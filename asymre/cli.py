@@ -21,7 +21,8 @@ def _eval(a) -> int:
     from asymre.evaluate import evaluate
     from asymre.models import check_model_name, resolve_model
     from asymre.rewards import RewardScorer
-    from asymre.rollout import check_rollout_config, generator_from_config
+    from asymre.rollout import check_episodes, check_rollout_config, generator_from_config
+    from asymre.rollout.episodes import episode_spec
     from asymre.tasks import build_task
 
     overrides = list(a.overrides) + ([f"model.name={a.model}"] if a.model else [])
@@ -30,10 +31,12 @@ def _eval(a) -> int:
     _, prompts = build_task(cfg.task)
     check_model_name(cfg.model.name)
     check_rollout_config(cfg)
-    gen = generator_from_config(cfg, resolve_model(cfg.model.name, cfg.model.cache_dir))
+    model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    check_episodes(cfg, model_path)
+    gen = generator_from_config(cfg, model_path)
     try:
         res = evaluate(gen, prompts, scorer, cfg.eval.preset, cfg.eval.k, cfg.eval.max_new_tokens, seed=cfg.learner.seed,
-                       generation_kwargs=dict(cfg.eval.generation_kwargs))
+                       generation_kwargs=dict(cfg.eval.generation_kwargs), episode=episode_spec(cfg))
     finally:
         gen.close()
         scorer.close()

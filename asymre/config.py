@@ -58,6 +58,8 @@ class ModelConfig:
     dtype: str = _f("float32", "Weights dtype for learner and engine: float32, bfloat16 or float16 (float32 on CPU).")
     cache_dir: str | None = _f(None, "Where the embedded model is converted to (default $ASYMRE_CACHE or ~/.cache/asymre).")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the learner's forward.")
+    chat_template: str | None = _f(None, "Chat template to use instead of the tokenizer's own: 'chatml-tools' (shipped: ChatML with tool "
+                                         "calls, for SmolLM2), a .jinja file, or the template text.")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -115,6 +117,21 @@ class RolloutConfig:
     generation_kwargs: dict[str, Any] = _f({}, "Extra sampling parameters for the engine (vLLM's SamplingParams: top_k, min_p, "
                                                 "repetition_penalty, stop, ...; hf: GenerationConfig's, e.g. stop_strings); "
                                                 "an unknown key fails at start-up.")
+    # ---- multi-turn episodes (docs/episodes.md): TRL's tools= and environment_factory= contract
+    tools: list[str] = _f([], "Tool functions the policy may call, 'pkg.module:function' (TRL's tools=: type hints and a Google-style docstring).")
+    environment: Any = _f(None, "Environment class, 'pkg.module:Class' (TRL's environment_factory=: one instance per episode, reset(**row), "
+                                "its public methods are tools), or {name: 'pkg.module:Class'} chosen by the row's environment_column.")
+    environment_column: str = _f("environment", "The dataset column naming a row's environment when rollout.environment maps several.")
+    max_turns: int = _f(4, "Episodes: model turns per episode (an episode out of turns with a call still to make ends truncated).", "[1, inf)")
+    max_episode_tokens: int = _f(0, "Episodes: completion tokens per episode, the model's and the environment's (0: max_new_tokens x "
+                                    "max_turns); rollout.max_new_tokens caps each model turn.", "[0, inf)")
+    tool_timeout_s: float = _f(10.0, "Episodes: the longest a turn waits for its tool calls; a call still running is a timeout fault.", "(0, inf)")
+    max_tool_result_tokens: int = _f(256, "Episodes: a tool result longer than this many tokens is cut, with a ' ... [truncated]' mark.", "[1, inf)")
+    on_bad_tool_call: str = _f("message", "Episodes: a malformed, failing or timed-out call: 'message' (its error is the tool's result), "
+                                          "'end' (the episode ends there), 'reward' (ends, with rollout.bad_tool_call_reward).")
+    bad_tool_call_reward: float = _f(0.0, "Episodes, on_bad_tool_call=reward: the episode's reward.")
+    tool_parser: str = _f("auto", "Episodes: how calls are read from a model turn: 'auto' (the tokenizer's response_schema, else "
+                                  "hermes), 'hermes' (<tool_call>{json}</tool_call>), or 'pkg.module:function'.")
 
 
 @dataclass
@@ -233,6 +250,7 @@ class Config:
 _CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "rollout.mode": {"colocated", "async"},
+    "rollout.on_bad_tool_call": {"message", "end", "reward"},
     "buffer.sampling": {"fifo", "reuse"},
     "loss.name": {"asymre", "grpo", "reinforce"},
     "loss.baseline": {"group_mean", "leave_one_out", "constant", "running"},

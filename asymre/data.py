@@ -34,6 +34,17 @@ class Trajectory:
     reward: float | None = None  # None until scored, or when every reward function abstained/failed
     extras: dict[str, Any] = field(default_factory=dict)  # columns a reward logged for this sample (TRL's log_extra)
     scores: dict[str, float | None] = field(default_factory=dict)  # each reward function's value, before weights
+    # Multi-turn episodes (asymre/rollout/episodes.py): `completion_ids` is everything after the prompt, the policy's
+    # sampled tokens and the environment's inserted ones (tool results rendered by the chat template) in order; `mask`
+    # says which is which, per token (1 sampled by the policy: trained; 0 inserted: never trained, its log-prob a 0.0
+    # placeholder). None: every token is the policy's (a single completion).
+    mask: list[int] | None = None
+    episode: dict[str, Any] | None = None  # the episode's record: messages, turns, tool calls and errors (JSON-safe)
+
+    @property
+    def model_tokens(self) -> int:
+        """Tokens the policy sampled (the ones the learner trains)."""
+        return len(self.completion_ids) if self.mask is None else sum(self.mask)
 
 
 @dataclass
@@ -46,6 +57,9 @@ class TrajectoryGroup:
     trajectories: list[Trajectory]
     version: int  # behaviour policy version (learner step of the weights the engine held) of every trajectory
     uses: int = 0  # times the learner has trained on this group
+    # Not a field (never saved): an episode's environment instance per trajectory, for the reward functions'
+    # `environments=` (TRL's contract); set by the episode loop, gone once the group is scored and buffered.
+    environments = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,7 +29,6 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,29 +38,11 @@ from asymre.advantages import ADVANTAGES
 from asymre.baselines import RunningBaseline
 from asymre.config import Config, ConfigError
 from asymre.data import TrajectoryGroup
+from asymre.forward import StepBatch, bucket_by_length, group_buckets, padding_frac, sequence_logps, shared_prompt_logps
 from asymre.gather import gather_fsdp2, gather_zero3, iter_fsdp2, iter_zero3
 from asymre.lora import apply_lora, merge_lora, scaling, transposed_modules
-from asymre.loss import LOSSES, NEEDS_BEHAVIOUR_LOGPROBS, token_logprobs_and_entropy
+from asymre.loss import LOSSES, NEEDS_BEHAVIOUR_LOGPROBS
 from asymre.models import load_model, torch_dtype
-
-
-@dataclass
-class StepBatch:
-    """A step's trajectories flattened, with per-sample advantages computed over the whole step."""
-
-    seqs: list[list[int]]  # prompt + completion ids
-    completion_lens: list[int]
-    rewards: torch.Tensor  # [B]
-    advantages: torch.Tensor  # [B] what multiplies log pi(y|x): r - V (asymre), GRPO's advantage, or r (reinforce)
-    baseline: torch.Tensor | None  # [B] the V in r - V (0 for reinforce), for loss/baseline_mean; None for grpo
-    old_logps: list[list[float]] | None  # behaviour log-probs (losses in NEEDS_BEHAVIOUR_LOGPROBS)
-    refs: list[tuple[int, int]] = field(default_factory=list)  # (group index, trajectory index) of each sample
-    prompt_lens: list[int] = field(default_factory=list)  # [B] prompt tokens at the head of each of `seqs`
-    groups: list[int] = field(default_factory=list)  # [B] each sample's group (0.. in the order of the step)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s) for s in self.seqs)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -74,45 +55,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
         return 1.0 - frac if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
 
     return f
-
-
-def bucket_by_length(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Indices grouped into micro-batches: sorted by length, each padded micro-batch <= token_budget
-    (a sequence longer than the budget gets a micro-batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and lengths[i] * (len(cur) + 1) > token_budget:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def group_buckets(batch: StepBatch, token_budget: int) -> list[list[int]]:
-    """Sample indices in micro-batches of whole groups (shared prompts): groups sorted by length, each micro-batch's
-    padded prompts plus padded completions within token_budget (a group over it gets a micro-batch of its own)."""
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(batch.groups):
-        members.setdefault(g, []).append(i)
-    size = {g: (batch.prompt_lens[m[0]], max(batch.completion_lens[i] for i in m), len(m)) for g, m in members.items()}
-    out: list[list[int]] = []
-    cur: list[int] = []
-    p_max = c_max = samples = n_groups = 0
-    for g in sorted(members, key=lambda g: size[g][0] + size[g][1]):
-        p, c, n = size[g]
-        cost = (n_groups + 1) * max(p_max, p) + (samples + n) * max(c_max, c)
-        if cur and cost > token_budget:
-            out.append(cur)
-            cur, p_max, c_max, samples, n_groups = [], 0, 0, 0, 0
-        cur += members[g]
-        p_max, c_max, samples, n_groups = max(p_max, p), max(c_max, c), samples + n, n_groups + 1
-    if cur:
-        out.append(cur)
-    return out
 
 
 def _shared_prompt(cfg: Config, accelerator) -> bool:
@@ -211,7 +153,7 @@ class Learner:
 
     # ---- advantages over the whole step ----------------------------------------------------------
     def build_batch(self, groups: list[TrajectoryGroup]) -> StepBatch:
-        seqs, comp_lens, rewards, gids, old, uids, refs = [], [], [], [], [], [], []
+        seqs, comp_lens, rewards, gids, old, uids, refs, masks = [], [], [], [], [], [], [], []
         for group_index, g in enumerate(groups):
             scored = [(j, t) for j, t in enumerate(g.trajectories) if t.reward is not None and t.completion_ids]
             if not scored:
@@ -225,6 +167,7 @@ class Learner:
                 rewards.append(float(t.reward))
                 gids.append(gi)
                 old.append(t.logprobs)
+                masks.append(t.mask)
         if not seqs:
             raise ValueError("learner step got no scored trajectories (every sample was dropped)")
         r = torch.tensor(rewards, dtype=torch.float32)  # [B]
@@ -235,31 +178,10 @@ class Learner:
             raise ValueError(f"loss.name={lc.name} needs behaviour log-probs, but the generation backend returned none")
         a = ADVANTAGES[lc.name](lc, r, g, self.step, self.running, uids)  # [B] advantages, [B] baseline or None
         prompt_lens = [len(s) - c for s, c in zip(seqs, comp_lens)]
-        return StepBatch(seqs, comp_lens, r, a.advantages, a.baseline, old if needs_old else None, refs, prompt_lens, gids)
+        return StepBatch(seqs, comp_lens, r, a.advantages, a.baseline, old if needs_old else None, refs, prompt_lens, gids,
+                         masks if any(m is not None for m in masks) else None)
 
     # ---- one optimiser step ----------------------------------------------------------------------
-    def _collate(self, batch: StepBatch, idx: list[int]):
-        dev = self.accelerator.device
-        width = max(len(batch.seqs[i]) for i in idx)
-        keep = max(batch.completion_lens[i] for i in idx)  # positions whose next token is a completion token
-        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)  # [b, L] left-padded
-        attn = torch.zeros((len(idx), width), dtype=torch.long)  # [b, L]
-        for row, i in enumerate(idx):
-            s = batch.seqs[i]
-            ids[row, width - len(s):] = torch.tensor(s)
-            attn[row, width - len(s):] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [b, L]
-        labels = ids[:, width - keep:]  # [b, keep] the last `keep` tokens
-        mask = torch.zeros((len(idx), keep), dtype=torch.float32)  # [b, keep] 1 on completion tokens
-        old = torch.zeros((len(idx), keep), dtype=torch.float32) if batch.old_logps is not None else None  # [b, keep]
-        for row, i in enumerate(idx):
-            c = batch.completion_lens[i]
-            mask[row, keep - c:] = 1
-            if old is not None:
-                old[row, keep - c:] = torch.tensor(batch.old_logps[i][:c])
-        to = lambda x: None if x is None else x.to(dev)  # noqa: E731
-        return to(ids), to(attn), to(pos), to(labels), to(mask), to(old), keep
-
     def _autocast(self):
         """The forward in model.dtype over float32 weights: Accelerate's autocast when its config asks for native mixed
         precision, else torch's for model.dtype; none under DeepSpeed (its engine computes in its own dtype)."""
@@ -270,77 +192,12 @@ class Learner:
             return nullcontext()
         return torch.autocast(device_type=acc.device.type, dtype=self.compute_dtype)
 
-    def _sequence_logps(self, batch: StepBatch, idx: list[int]):
-        """Each sample as its own prompt + completion row: (logp, entropy, mask, behaviour logp), [b, keep] each."""
-        ids, attn, pos, labels, mask, old, keep = self._collate(batch, idx)
-        # logits for positions L-keep-1 .. L-2 predict tokens L-keep .. L-1
-        with self._autocast():
-            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep + 1, use_cache=False)
-        logp, ent = token_logprobs_and_entropy(out.logits[:, :-1], labels)  # [b, keep] each
-        return logp, ent, mask, old
-
-    def _shared_prompt_logps(self, batch: StepBatch, idx: list[int]):
-        """Each group's prompt once, its completions attending to it: (logp, entropy, mask, behaviour logp), [b, C].
-
-        The prompts (left-padded, [n, P]) run once with a KV cache; the cache is gathered to one row per sample
-        (`index_select`: its backward sums each sample's gradient into its prompt's keys and values) and the
-        completions (right-padded, [b, C], positions continuing after their prompt) run against it. The prompt's
-        last position predicts each completion's first token; completion position t predicts token t + 1. Same
-        maths as `_sequence_logps`, with the prompt's tokens computed once per group instead of G times."""
-        dev = self.accelerator.device
-        first: dict[int, int] = {}  # this micro-batch's groups, in order -> the index of their first sample
-        for i in idx:
-            first.setdefault(batch.groups[i], i)
-        rows = list(first)
-        row_of = {g: r for r, g in enumerate(rows)}
-        plens = [batch.prompt_lens[first[g]] for g in rows]
-        width = max(plens)
-        pids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # [n, P] left-padded
-        pmask = torch.zeros((len(rows), width), dtype=torch.long)  # [n, P]
-        for r, g in enumerate(rows):
-            pids[r, width - plens[r]:] = torch.tensor(batch.seqs[first[g]][:plens[r]])
-            pmask[r, width - plens[r]:] = 1
-        sel = torch.tensor([row_of[batch.groups[i]] for i in idx])  # [b] each sample's prompt row
-        c_max = max(batch.completion_lens[i] for i in idx)
-        cids = torch.full((len(idx), c_max), self.pad_id, dtype=torch.long)  # [b, C] right-padded
-        mask = torch.zeros((len(idx), c_max), dtype=torch.float32)  # [b, C] 1 on completion tokens
-        old = torch.zeros((len(idx), c_max), dtype=torch.float32) if batch.old_logps is not None else None  # [b, C]
-        for row, i in enumerate(idx):
-            c = batch.completion_lens[i]
-            cids[row, :c] = torch.tensor(batch.seqs[i][batch.prompt_lens[i]:])
-            mask[row, :c] = 1
-            if old is not None:
-                old[row, :c] = torch.tensor(batch.old_logps[i][:c])
-        cpos = torch.tensor(plens)[sel][:, None] + torch.arange(c_max)[None]  # [b, C]
-        pids, pmask, sel, cids, mask, cpos = (x.to(dev) for x in (pids, pmask, sel, cids, mask, cpos))
-        with self._autocast():
-            # the prompt pass goes through the bare module: one call of a DDP wrapper per backward (the completions')
-            out_p = self.unwrapped()(input_ids=pids, attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
-                                     use_cache=True, logits_to_keep=1)
-            cache = out_p.past_key_values
-            cache.reorder_cache(sel)  # [n, ...] -> [b, ...]
-            attn = torch.cat([pmask[sel], mask.long()], dim=1)  # [b, P + C]
-            out_c = self.model(input_ids=cids, attention_mask=attn, position_ids=cpos, past_key_values=cache, use_cache=True,
-                               logits_to_keep=c_max)
-        lp0, e0 = token_logprobs_and_entropy(out_p.logits[sel], cids[:, :1])  # [b, 1] the first completion token
-        lpr, er = token_logprobs_and_entropy(out_c.logits[:, :-1], cids[:, 1:])  # [b, C - 1] the rest
-        return torch.cat([lp0, lpr], 1), torch.cat([e0, er], 1), mask, None if old is None else old.to(dev)
-
-    def _padding_frac(self, batch: StepBatch, micro: list[list[int]]) -> float:
-        """Share of the positions the forward computed that were padding (shared prompts: each prompt counted once)."""
-        if not self.shared_prompt:
-            return 1.0 - batch.num_tokens / sum(len(idx) * max(len(batch.seqs[i]) for i in idx) for idx in micro)
-        real = padded = 0
-        for idx in micro:
-            firsts = {batch.groups[i]: i for i in reversed(idx)}
-            prompts = [batch.prompt_lens[i] for i in firsts.values()]
-            real += sum(prompts) + sum(batch.completion_lens[i] for i in idx)
-            padded += len(prompts) * max(prompts) + len(idx) * max(batch.completion_lens[i] for i in idx)
-        return 1.0 - real / padded
-
     def _micro_loss(self, batch: StepBatch, idx: list[int], normalizer: float):
-        forward = self._shared_prompt_logps if self.shared_prompt else self._sequence_logps
-        logp, ent, mask, old = forward(batch, idx)
+        dev = self.accelerator.device
+        if self.shared_prompt:
+            logp, ent, mask, old = shared_prompt_logps(self.model, self.unwrapped(), self._autocast, batch, idx, self.pad_id, dev)
+        else:
+            logp, ent, mask, old = sequence_logps(self.model, self._autocast, batch, idx, self.pad_id, dev)
         # the entropy on the sampled positions is a collapse signal (no gradient)
         entropy = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
         sel = torch.tensor(idx)
@@ -356,7 +213,7 @@ class Learner:
         t0 = time.perf_counter()
         batch = self.last_batch = self.build_batch(groups)
         lc, acc = self.cfg.loss, self.accelerator
-        normalizer = len(batch.seqs) if lc.aggregation == "seq_mean" else float(sum(batch.completion_lens))
+        normalizer = len(batch.seqs) if lc.aggregation == "seq_mean" else float(batch.trained_tokens)
         budget = self.cfg.learner.micro_batch_tokens
         micro = group_buckets(batch, budget) if self.shared_prompt else bucket_by_length([len(s) for s in batch.seqs], budget)
         # Every rank must run the same number of backward passes (DDP all-reduces on the last one).
@@ -404,7 +261,7 @@ class Learner:
             "perf/learner_seconds": secs, "perf/learner_tokens": float(batch.num_tokens),
             "perf/forward_backward_seconds": fwd_bwd, "perf/optimizer_seconds": opt_s,
             "perf/learner_tokens_per_s": batch.num_tokens / secs,
-            "learner/padding_frac": self._padding_frac(batch, micro),
+            "learner/padding_frac": padding_frac(batch, micro, self.shared_prompt),
             "learner/optimizer_steps": float(self.optimizer_steps()),
         })
         return metrics

@@ -29,11 +29,12 @@ from asymre.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint
 from asymre.config import Config, ConfigError, InputError, help_text, load_config, to_dict
 from asymre.evaluate import evaluate
 from asymre.learner import Learner
-from asymre.models import check_model_name, load_tokenizer, resolve_model, torch_dtype
+from asymre.models import check_model_name, resolve_model, torch_dtype
 from asymre.monitor import CollapseMonitor
 from asymre.rewards import RewardError, RewardScorer
 from asymre.rewards.preflight import preflight
-from asymre.rollout import check_rollout_config, resolve_backend
+from asymre.rollout import check_episodes, check_rollout_config, resolve_backend
+from asymre.rollout.episodes import episode_spec
 from asymre.rollout.modes import Rollout, make_rollout
 from asymre.run_dir import RunDirError, open_run_dir
 from asymre.sizing import warn_if_memory_short
@@ -91,7 +92,8 @@ class AsymRERecipe:
         model_path = broadcast_object_list([model_path])[0] if acc.num_processes > 1 else model_path
         if self.main:
             warn_if_memory_short(cfg, model_path, acc)  # on a GPU, before the model loads: a rough estimate, never a stop
-        self.learner = Learner(cfg, model_path, acc, load_tokenizer(model_path))
+        tokenizer = check_episodes(cfg, model_path)  # tools, environments, the chat template's tool turns; also on every rank
+        self.learner = Learner(cfg, model_path, acc, tokenizer)
         # a colocated rank's engine needs the whole weights on that rank (under FSDP too); gathered in the engines' dtype
         weights = partial(self.learner.full_state_dict, everywhere=cfg.rollout.mode == "colocated", dtype=torch_dtype(cfg.model.dtype))
         self.rollout = make_rollout(cfg, acc, model_path, train, WeightSync.from_config(cfg, self.run_dir), weights,
@@ -157,7 +159,7 @@ class AsymRERecipe:
             if self.main:
                 try:
                     out = evaluate(engine, self.eval_prompts, self.scorer, ec.preset, ec.k, ec.max_new_tokens, seed=self.cfg.learner.seed,
-                                   step=step, generation_kwargs=dict(ec.generation_kwargs))
+                                   step=step, generation_kwargs=dict(ec.generation_kwargs), episode=episode_spec(self.cfg))
                     log.info("eval (%s) at step %d: pass@1 = %.3f on %d held-out prompts", tag, step, out["eval/pass@1"],
                              len(self.eval_prompts))
                 except RewardError as e:  # the other ranks get it too, instead of waiting for the main process

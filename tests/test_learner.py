@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from asymre.config import load_config
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
-from asymre.learner import Learner, bucket_by_length
+from asymre.forward import bucket_by_length, collate_rows
+from asymre.learner import Learner
 from asymre.loss import token_logprobs
 
 
@@ -57,7 +58,7 @@ def test_left_padded_keep_forward_matches_plain_forward(tiny_model_path):
     learner = _learner(tiny_model_path)
     batch = learner.build_batch(_groups())
     idx = list(range(len(batch.seqs)))
-    ids, attn, pos, labels, mask, _, keep = learner._collate(batch, idx)
+    ids, attn, pos, labels, mask, _, keep = collate_rows(batch, idx, learner.pad_id, "cpu")
     with torch.no_grad():
         out = learner.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep + 1)
         got = token_logprobs(out.logits[:, :-1], labels)
@@ -332,7 +333,7 @@ def test_accelerate_bf16_mixed_precision_keeps_the_logits_in_bf16(tiny_model_pat
     accelerate's own wrapper would convert them to a float32 copy (twice the memory of the largest tensor)."""
     from accelerate.state import AcceleratorState
 
-    import asymre.learner as learner_module
+    import asymre.forward as learner_module
 
     cfg = load_config(None, ["learner.lr=1e-2", "learner.max_grad_norm=0", "model.dtype=bfloat16"])
     AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state would keep an earlier test's precision
@@ -346,3 +347,78 @@ def test_accelerate_bf16_mixed_precision_keeps_the_logits_in_bf16(tiny_model_pat
     assert seen and set(seen) == {torch.bfloat16}
     assert learner.unwrapped().state_dict()[name].dtype == torch.float32
     assert (learner.unwrapped().state_dict()[name] != before).any()
+
+
+def _episode_groups(seed: int = 5, n_groups: int = 4, g: int = 3) -> list[TrajectoryGroup]:
+    """Groups of multi-turn episodes: completions that alternate the policy's tokens (mask 1) and inserted environment
+    tokens (mask 0), of different lengths and turn counts, with behaviour log-probs (0.0 on the inserted tokens)."""
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for gi in range(n_groups):
+        prompt = torch.randint(1, 64, (int(torch.randint(3, 8, (1,), generator=rng)),), generator=rng).tolist()
+        trajs = []
+        for _ in range(g):
+            ids, mask = [], []
+            for turn in range(int(torch.randint(1, 4, (1,), generator=rng))):
+                if turn:  # a tool result between two model turns
+                    k = int(torch.randint(1, 5, (1,), generator=rng))
+                    ids += torch.randint(1, 64, (k,), generator=rng).tolist()
+                    mask += [0] * k
+                k = int(torch.randint(1, 5, (1,), generator=rng))
+                ids += torch.randint(1, 64, (k,), generator=rng).tolist()
+                mask += [1] * k
+            lp = [-1.5 if m else 0.0 for m in mask]
+            trajs.append(Trajectory(ids, "", "stop", logprobs=lp, reward=float(torch.randint(0, 2, (1,), generator=rng)), mask=mask))
+        out.append(TrajectoryGroup(Prompt(f"e{gi}", [{"role": "user", "content": "q"}]), prompt, trajs, 0))
+    return out
+
+
+def _float64_episode_gradient(learner, groups, aggregation: str, train_inserted: bool = False) -> torch.Tensor:
+    """The loss gradient computed independently of the learner's collation: a float64 copy of the model, one plain
+    forward per sequence, -(1/N) sum_i A_i sum_t m_it log pi(y_it), m = the model-token mask (all ones when
+    `train_inserted`), N = samples (seq_mean) or trained tokens (token_mean)."""
+    import copy
+
+    model = copy.deepcopy(learner.unwrapped()).double()
+    model.zero_grad(set_to_none=True)
+    batch = learner.build_batch(groups)
+    total = torch.zeros((), dtype=torch.float64)
+    n_tokens = 0
+    for i, ((gi, ti), a) in enumerate(zip(batch.refs, batch.advantages.double())):
+        t = groups[gi].trajectories[ti]
+        seq = torch.tensor([groups[gi].prompt_ids + t.completion_ids])
+        logits = model(input_ids=seq).logits[:, :-1].double()
+        logp = torch.log_softmax(logits, -1).gather(-1, seq[:, 1:, None])[0, -len(t.completion_ids):, 0]
+        m = torch.ones(len(t.mask), dtype=torch.float64) if train_inserted else torch.tensor(t.mask, dtype=torch.float64)
+        total = total - a * (m * logp).sum()
+        n_tokens += int(m.sum())
+    (total / (len(batch.refs) if aggregation == "seq_mean" else n_tokens)).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("shared", ["on", "off"])
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean"])
+def test_multi_turn_episode_gradient_trains_the_models_tokens_only(tiny_model_path, shared, aggregation):
+    """Both loss paths give the float64 gradient of the policy's own tokens (environment tokens masked) to 1e-4, over
+    several micro-batches; training the inserted tokens too gives a gradient far from the learner's."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test's bf16 mixed precision would stay on
+    learner = _learner(tiny_model_path, **{"loss.aggregation": aggregation, "learner.micro_batch_tokens": 40,
+                                           "learner.shared_prompt": shared})
+    groups = _episode_groups()
+    want = _float64_episode_gradient(learner, groups, aggregation)
+    wrong = _float64_episode_gradient(learner, groups, aggregation, train_inserted=True)
+    captured = {}
+    real_step = learner.optimizer.step
+
+    def capture(*a, **k):
+        captured["g"] = torch.cat([p.grad.detach().flatten() for p in learner.model.parameters()]).double()
+        return real_step(*a, **k)
+
+    learner.optimizer.step = capture
+    metrics = learner.train_step(groups)
+    assert metrics["learner/micro_batches"] >= 2
+    got = captured["g"]
+    assert torch.linalg.norm(got - want) <= 1e-4 * torch.linalg.norm(want)
+    assert torch.linalg.norm(got - wrong) > 1e-2 * torch.linalg.norm(wrong)  # the mask really matters on this batch

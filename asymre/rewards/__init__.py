@@ -200,8 +200,14 @@ class RewardScorer:
         sel = [flat[j] for j in idx]
         conv = [g.prompt.conversational for g, _ in sel]
         prompts = [g.prompt.messages if c else g.prompt.messages[-1]["content"] for (g, _), c in zip(sel, conv)]
-        completions = [[{"role": "assistant", "content": t.text}] if c else t.text for (_, t), c in zip(sel, conv)]
+        # an episode's completion is its messages (the model's turns, tool calls and results), as TRL passes it
+        completions = [(t.episode["messages"] if t.episode is not None else [{"role": "assistant", "content": t.text}]) if c
+                       else t.text for (_, t), c in zip(sel, conv)]
         keys = sorted({k for g, _ in sel for k in g.prompt.columns} - _RESERVED)
+        envs = {}
+        if any(g.environments is not None for g, _ in sel):  # TRL's environment_factory: the episodes' instances
+            envs["environments"] = [None if g.environments is None else
+                                    g.environments[next(k for k, x in enumerate(g.trajectories) if x is t)] for g, t in sel]
 
         def log_extra(column: str, values: list) -> None:
             for j, v in zip(idx, values):  # kept JSON-safe: trajectories travel to checkpoints and across processes
@@ -212,7 +218,7 @@ class RewardScorer:
 
         return {"prompts": prompts, "completions": completions, "completion_ids": [list(t.completion_ids) for _, t in sel],
                 **{k: [g.prompt.columns.get(k) for g, _ in sel] for k in keys},
-                "trainer_state": TrainerState(step, self.max_steps), "log_extra": log_extra, "log_metric": log_metric}
+                "trainer_state": TrainerState(step, self.max_steps), "log_extra": log_extra, "log_metric": log_metric, **envs}
 
     def _per_sample(self, i: int, flat, step: int, logged: dict, batch_error: BaseException) -> _Outcome:
         """Function i raised on the batch: call it once per sample (within reward.timeout_s) so that only the
@@ -331,8 +337,11 @@ class RewardScorer:
                 if self.scale == "pm1" and spec in BINARY:
                     v = 2.0 * v - 1.0
                 totals[j] = (totals[j] or 0.0) + self.weights[i] * v
-        for (_, t), r in zip(flat, totals):
-            t.reward = r
+        for j, (_, t) in enumerate(flat):
+            totals[j] = _episode_reward(t, totals[j])
+            t.reward = totals[j]
+        for g in groups:
+            g.environments = None  # scored: nothing reads them again (they never reach the buffer's checkpoints)
         scored = [r for r in totals if r is not None]
         if not scored:
             raise RewardError(f"every sample of this step failed reward scoring: {dict(reasons)} (reward functions {self.specs})")
@@ -345,6 +354,23 @@ class RewardScorer:
 
     def close(self) -> None:
         """Nothing to release: abandoned calls live on daemon threads."""
+
+
+def _episode_reward(t, total: float | None) -> float | None:
+    """An episode's reward: none for a dropped one (its environment's reset raised); rollout.bad_tool_call_reward for
+    one a bad call ended (on_bad_tool_call=reward); else the reward functions' plus its environment's get_reward()
+    (weight 1, in `scores` under the class name)."""
+    ep = t.episode
+    if ep is None:
+        return total
+    if "dropped" in ep:
+        return None
+    if "forced_reward" in ep:
+        return float(ep["forced_reward"])
+    for name, v in (ep.get("env_reward") or {}).items():
+        t.scores[name] = v
+        total = (total or 0.0) + v
+    return total
 
 
 def _short(v: Any, limit: int = 40) -> str:

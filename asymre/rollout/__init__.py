@@ -60,9 +60,15 @@ def generator_from_config(cfg, model_path: str, rank: int = 0, server_url: str |
     process or the recipe builds it; `server_url` makes it a client of that remote vLLM server. Its context holds
     the longest prompt plus the longer of the training and evaluation completions (both run on it). `world` > 1: one
     colocated engine on each of that many learner ranks (a vLLM engine then joins the launcher's process group)."""
+    from asymre.rollout.episodes import episode_spec
+
     ro = cfg.rollout
+    ep = episode_spec(cfg)
+    completion = max(ro.max_new_tokens, cfg.eval.max_new_tokens)
+    if ep is not None and ep.multi_turn:  # a whole episode: the model's turns and the environment's tokens
+        completion = max(ep.budget(ro.max_new_tokens), ep.budget(cfg.eval.max_new_tokens))
     return make_generator(ro.backend, model_path, dtype=cfg.model.dtype, seed=ro.seed + rank,
-                          max_model_len=ro.max_prompt_tokens + max(ro.max_new_tokens, cfg.eval.max_new_tokens),
+                          max_model_len=ro.max_prompt_tokens + completion,
                           max_prompt_tokens=ro.max_prompt_tokens, gpu_memory_utilization=ro.gpu_memory_utilization,
                           kv_cache_gb=ro.kv_cache_gb, server_url=server_url, chat_template_kwargs=dict(cfg.task.chat_template_kwargs),
                           api_key_env=ro.server_api_key_env if server_url else None,
@@ -111,3 +117,38 @@ def check_rollout_config(cfg) -> None:
     if not any(p.name == "chat_template_kwargs" or p.kind is p.VAR_KEYWORD for p in params):
         raise ConfigError(f"rollout.backend={ro.backend}: the factory takes no chat_template_kwargs, but "
                           f"task.chat_template_kwargs={dict(cfg.task.chat_template_kwargs)} is set")
+
+
+def check_episodes(cfg, model_path: str):
+    """Start-up, once the model is known: the tools, environments and tool parser import and have schemas, and the chat
+    template (model.chat_template or the tokenizer's own) renders tool turns as a continuation of the model's (the
+    prefix property, asymre/envs/templates.py). Returns the tokenizer with the run's template, for the learner to save
+    with the final model."""
+    from asymre.config import ConfigError
+    from asymre.envs import check_environment, load_environments, load_tools
+    from asymre.envs.parsing import make_parser
+    from asymre.envs.templates import check_template, resolve_chat_template
+    from asymre.models import load_tokenizer
+    from asymre.rollout.base import eos_token_ids
+
+    ro = cfg.rollout
+    template = resolve_chat_template(cfg.model.chat_template)
+    tok = load_tokenizer(model_path)
+    if template is not None:
+        tok.chat_template = template
+    if not (ro.tools or ro.environment):
+        return tok
+    if ":" in ro.backend:
+        raise ConfigError(f"rollout.tools / rollout.environment run episodes on asymre's engines (vllm, hf, a remote server); the "
+                          f"custom backend {ro.backend} has only `generate` (single completions)")
+    tools = load_tools(ro.tools)
+    check_environment(load_environments(ro.environment), tools)
+    try:
+        make_parser(ro.tool_parser, tok)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if ro.max_episode_tokens and ro.max_episode_tokens < ro.max_new_tokens:
+        raise ConfigError(f"rollout.max_episode_tokens={ro.max_episode_tokens} is below rollout.max_new_tokens={ro.max_new_tokens} "
+                          "(the cap of one model turn): raise it, or leave it 0 (max_new_tokens x max_turns)")
+    check_template(tok, eos_token_ids(tok), cfg.model.name, template, dict(cfg.task.chat_template_kwargs))
+    return tok

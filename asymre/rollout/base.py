@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from asymre.data import Prompt, TrajectoryGroup
+from asymre.data import Prompt, Trajectory, TrajectoryGroup
 
 Weights = Iterable[tuple[str, torch.Tensor]]
 
@@ -30,14 +30,20 @@ class SamplingSpec:
     seed: int | None = None
     logprobs: bool = False  # return behaviour log-probs of sampled tokens (GRPO needs them)
     extra: dict = field(default_factory=dict)  # the engine's own sampling parameters (rollout/eval.generation_kwargs)
+    # How each sample runs as an episode (asymre.rollout.episodes.EpisodeSpec: tools, environment, limits); None: one
+    # completion per sample. `max_new_tokens` is then the cap of one model turn.
+    episode: Any = None
 
     @staticmethod
-    def preset(name: str, n: int, max_new_tokens: int, seed: int | None = None, extra: dict | None = None) -> SamplingSpec:
+    def preset(name: str, n: int, max_new_tokens: int, seed: int | None = None, extra: dict | None = None,
+               episode: Any = None) -> SamplingSpec:
         """'greedy', 'paper' (the paper's evaluation: T = 0.1, top-p 0.95)."""
         if name == "greedy":
-            return SamplingSpec(n=n, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed, extra=dict(extra or {}))
+            return SamplingSpec(n=n, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed, extra=dict(extra or {}),
+                                episode=episode)
         if name == "paper":
-            return SamplingSpec(n=n, temperature=0.1, top_p=0.95, max_new_tokens=max_new_tokens, seed=seed, extra=dict(extra or {}))
+            return SamplingSpec(n=n, temperature=0.1, top_p=0.95, max_new_tokens=max_new_tokens, seed=seed, extra=dict(extra or {}),
+                                episode=episode)
         raise ValueError(f"unknown sampling preset {name!r}; expected 'greedy' or 'paper'")
 
 
@@ -60,7 +66,8 @@ class Generator(Protocol):
     sync_methods: tuple[str, ...]
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
-        """One group of `spec.n` trajectories per prompt, with the prompt's token ids, tagged with `self.version`."""
+        """One group of `spec.n` trajectories (episodes, under `spec.episode`) per prompt, with the prompt's token ids,
+        tagged with `self.version`. asymre's backends run `asymre.rollout.episodes.run_episodes` over their `sample`."""
         ...
 
     def load_weights(self, weights: Weights | str, version: int) -> None:
@@ -68,6 +75,20 @@ class Generator(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class TokenSampler(Protocol):
+    """The token-level primitive the episode loop runs on (asymre's backends have it; a custom backend that has only
+    `generate` runs single completions)."""
+
+    tokenizer: Any
+    max_prompt_tokens: int
+    chat_template_kwargs: dict
+
+    def sample(self, token_lists: list[list[int]], spec: SamplingSpec, max_new_tokens: list[int] | None = None) -> list[list[Trajectory]]:
+        """Continue each token list `spec.n` times (at most `max_new_tokens[i]` new tokens for list i, else
+        spec.max_new_tokens): the new tokens, their text, behaviour log-probs (spec.logprobs) and finish reason."""
+        ...
 
 
 # Sampling settings asymre sets from its own keys (rollout.group_size, temperature, top_p, max_new_tokens, seed,

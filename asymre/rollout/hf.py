@@ -10,7 +10,8 @@ import torch
 
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.models import load_model, load_tokenizer
-from asymre.rollout.base import SamplingSpec, Weights, encode_prompts, eos_token_ids, trim_completion
+from asymre.rollout.base import SamplingSpec, Weights, eos_token_ids, trim_completion
+from asymre.rollout.episodes import run_episodes
 
 BATCH_SIZE = 64  # sequences per generate call (asymre.sizing sizes the KV cache of one call)
 
@@ -29,24 +30,25 @@ class HFGenerator:
         self.batch_size = batch_size  # sequences per generate call
         self.version = 0
 
-    @torch.no_grad()
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
-        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.chat_template_kwargs)
+        return run_episodes(self, prompts, spec)
+
+    @torch.no_grad()
+    def sample(self, token_lists: list[list[int]], spec: SamplingSpec, max_new_tokens: list[int] | None = None) -> list[list[Trajectory]]:
+        caps = max_new_tokens or [spec.max_new_tokens] * len(token_lists)
         per_call = max(1, self.batch_size // spec.n)
-        groups: list[TrajectoryGroup] = []
+        out: list[list[Trajectory]] = []
         gen = torch.Generator(device="cpu")
         if spec.seed is not None:
             gen.manual_seed(spec.seed)
-        for start in range(0, len(prompts), per_call):
-            chunk = ids[start : start + per_call]
+        for start in range(0, len(token_lists), per_call):
+            chunk = token_lists[start : start + per_call]
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) if spec.seed is not None else None
-            trajs = self._generate_chunk(chunk, spec, seed)
-            for j, (p, pid) in enumerate(zip(prompts[start : start + per_call], chunk)):
-                groups.append(TrajectoryGroup(prompt=p, prompt_ids=pid, trajectories=trajs[j * spec.n : (j + 1) * spec.n],
-                                              version=self.version))
-        return groups
+            trajs = self._generate_chunk(chunk, spec, seed, caps[start : start + per_call])
+            out += [trajs[j * spec.n : (j + 1) * spec.n] for j in range(len(chunk))]
+        return out
 
-    def _generate_chunk(self, chunk: list[list[int]], spec: SamplingSpec, seed: int | None) -> list[Trajectory]:
+    def _generate_chunk(self, chunk: list[list[int]], spec: SamplingSpec, seed: int | None, caps: list[int]) -> list[Trajectory]:
         width = max(len(x) for x in chunk)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=self.device)  # [P, L] left-padded
@@ -54,7 +56,7 @@ class HFGenerator:
         greedy = spec.temperature == 0.0
         if seed is not None:
             torch.manual_seed(seed)
-        kwargs = dict(max_new_tokens=spec.max_new_tokens, num_return_sequences=spec.n, pad_token_id=pad,
+        kwargs = dict(max_new_tokens=max(caps), num_return_sequences=spec.n, pad_token_id=pad,
                       eos_token_id=sorted(self.eos), return_dict_in_generate=True, output_scores=spec.logprobs)
         if greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -70,7 +72,8 @@ class HFGenerator:
             logps = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)  # [P*n, T]
         trajs = []
         for row in range(new.shape[0]):
-            comp, reason = trim_completion(new[row].tolist(), self.eos, pad)
+            cap = caps[row // spec.n]  # this row's own cap (the call ran to the chunk's largest)
+            comp, reason = trim_completion(new[row, :cap].tolist(), self.eos, pad)
             trajs.append(Trajectory(
                 completion_ids=comp, text=self.tokenizer.decode(comp, skip_special_tokens=True), finish_reason=reason,
                 logprobs=logps[row, : len(comp)].tolist() if logps is not None else None))

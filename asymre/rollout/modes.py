@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -31,6 +32,7 @@ from asymre.models import torch_dtype
 from asymre.rewards import RewardContractError, RewardError, RewardScorer
 from asymre.rollout import generator_from_config
 from asymre.rollout.base import Generator, SamplingSpec, derive_seed
+from asymre.rollout.episodes import episode_metrics, episode_spec
 from asymre.rollout.worker import PoolEngine, WorkerPool
 from asymre.sync import WeightSync, tensor_identity
 from asymre.tasks import PromptStream
@@ -107,14 +109,14 @@ class Rollout:
         self.rank = shard[0]  # this rank's index among the ranks that generate
         ro = cfg.rollout
         self.train_spec = SamplingSpec(n=ro.group_size, temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
-                                       logprobs=cfg.loss.name in NEEDS_BEHAVIOUR_LOGPROBS, extra=dict(ro.generation_kwargs))
+                                       logprobs=cfg.loss.name in NEEDS_BEHAVIOUR_LOGPROBS, extra=dict(ro.generation_kwargs),
+                                       episode=episode_spec(cfg))
 
     def _spec(self) -> SamplingSpec:
         self.rounds += 1
         s = self.train_spec
         # the round's seed differs on every rank (each colocated rank samples its own prompts with its own engine)
-        return SamplingSpec(s.n, s.temperature, s.top_p, s.max_new_tokens, derive_seed(self.cfg.rollout.seed, self.rank, self.rounds),
-                            s.logprobs, s.extra)
+        return replace(s, seed=derive_seed(self.cfg.rollout.seed, self.rank, self.rounds))
 
     # ---- the interface -----------------------------------------------------------------------------
     def next_groups(self, learner_step: int) -> tuple[list[TrajectoryGroup], dict[str, float]]:
@@ -231,6 +233,7 @@ class ColocatedRollout(Rollout):
                 t0 = time.perf_counter()
                 groups = self.engine.generate(self.prompts.take(self.cfg.rollout.prompts_per_step), self._spec())
                 metrics["perf/generation_seconds"] = metrics.get("perf/generation_seconds", 0.0) + time.perf_counter() - t0
+                metrics.update(episode_metrics(groups))
                 metrics.update(self.scorer.score(groups, learner_step))
                 self.buffer.add(groups)
         except RewardError as e:

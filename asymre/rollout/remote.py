@@ -24,7 +24,8 @@ from pathlib import Path
 
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.models import load_tokenizer
-from asymre.rollout.base import SamplingSpec, check_groups, derive_seed, encode_prompts
+from asymre.rollout.base import SamplingSpec, check_groups, derive_seed
+from asymre.rollout.episodes import run_episodes
 
 MAX_IN_FLIGHT = 64  # concurrent requests a round keeps open to one server
 
@@ -115,24 +116,27 @@ class RemoteVLLMGenerator:
         return json.loads(raw) if raw else {}
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
-        """One round: every prompt's request in flight at once (up to MAX_IN_FLIGHT), so the server batches them as
-        its scheduler does for concurrent clients; the groups come back in prompt order."""
-        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.chat_template_kwargs)
-        if not ids:
-            return []
-        with ThreadPoolExecutor(max_workers=min(MAX_IN_FLIGHT, len(ids))) as pool:
-            groups = list(pool.map(lambda args: self._one(*args, spec), zip(range(len(ids)), prompts, ids)))
+        groups = run_episodes(self, prompts, spec)
         problem = check_groups(groups, prompts, spec, self.vocab_size)
         if problem:
             raise RuntimeError(f"vLLM server {self.url} returned malformed completions: {problem}")
         return groups
 
-    def _one(self, index: int, p: Prompt, pid: list[int], spec: SamplingSpec) -> TrajectoryGroup:
-        body = {"model": self.model_name, "prompt": pid, "n": spec.n, "max_tokens": spec.max_new_tokens,
+    def sample(self, token_lists: list[list[int]], spec: SamplingSpec, max_new_tokens: list[int] | None = None) -> list[list[Trajectory]]:
+        """Every request in flight at once (up to MAX_IN_FLIGHT), so the server batches them as its scheduler does for
+        concurrent clients; the answers come back in order."""
+        if not token_lists:
+            return []
+        caps = max_new_tokens or [spec.max_new_tokens] * len(token_lists)
+        with ThreadPoolExecutor(max_workers=min(MAX_IN_FLIGHT, len(token_lists))) as pool:
+            return list(pool.map(lambda args: self._one(*args, spec), zip(range(len(token_lists)), token_lists, caps)))
+
+    def _one(self, index: int, pid: list[int], cap: int, spec: SamplingSpec) -> list[Trajectory]:
+        body = {"model": self.model_name, "prompt": pid, "n": spec.n, "max_tokens": cap,
                 "temperature": spec.temperature, "top_p": spec.top_p if spec.temperature > 0 else 1.0,
                 "return_token_ids": True, "skip_special_tokens": True}
         if spec.seed is not None:
-            body["seed"] = derive_seed(spec.seed, index)  # each request its own (as VLLMGenerator.generate)
+            body["seed"] = derive_seed(spec.seed, index)  # each request its own (as VLLMGenerator.sample)
         if spec.logprobs:
             body["logprobs"] = 0
         body.update(spec.extra)  # vLLM's server takes its extra sampling parameters in the same body
@@ -145,7 +149,7 @@ class RemoteVLLMGenerator:
             trajs.append(Trajectory(completion_ids=list(c.get("token_ids") or []), text=c["text"],
                                     finish_reason="stop" if c.get("finish_reason") == "stop" else "length",
                                     logprobs=lp.get("token_logprobs") if spec.logprobs else None))
-        return TrajectoryGroup(prompt=p, prompt_ids=pid, trajectories=trajs, version=self.version)
+        return trajs
 
     def load_weights(self, weights, version: int) -> None:
         if not isinstance(weights, str):

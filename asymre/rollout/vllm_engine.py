@@ -24,7 +24,8 @@ import torch
 
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
 from asymre.models import load_tokenizer
-from asymre.rollout.base import SamplingSpec, Weights, derive_seed, encode_prompts, eos_token_ids
+from asymre.rollout.base import SamplingSpec, Weights, derive_seed, eos_token_ids
+from asymre.rollout.episodes import run_episodes
 
 # The vLLM minor versions this module was checked against: `LLM.collective_rpc` with a callable, `reload_weights`
 # taking a weights iterator, `is_deferred_attention_layer`, the file-based rendezvous, `sleep`/`wake_up(tags)`.
@@ -120,19 +121,23 @@ class VLLMGenerator:
                 self.llm.reset_prefix_cache()  # the cache's contents were discarded
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[TrajectoryGroup]:
+        return run_episodes(self, prompts, spec)
+
+    def sample(self, token_lists: list[list[int]], spec: SamplingSpec, max_new_tokens: list[int] | None = None) -> list[list[Trajectory]]:
         from vllm import SamplingParams
 
         self._wake("weights", "kv_cache")
         greedy = spec.temperature == 0.0
-        ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.chat_template_kwargs)
-        # one SamplingParams per prompt, each with its own seed: one params object for all would give sample i of every
+        caps = max_new_tokens or [spec.max_new_tokens] * len(token_lists)
+        extra = _sampling_extra(spec.extra)
+        # one SamplingParams per request, each with its own seed: one params object for all would give sample i of every
         # prompt the same seed (spec.seed + i), so two copies of a prompt in one round came back as identical groups
         params = [SamplingParams(n=spec.n, temperature=0.0 if greedy else spec.temperature, top_p=1.0 if greedy else spec.top_p,
-                                 max_tokens=spec.max_new_tokens, seed=None if spec.seed is None else derive_seed(spec.seed, i),
-                                 logprobs=0 if spec.logprobs else None, **spec.extra) for i in range(len(ids))]
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-        groups = []
-        for p, pid, out in zip(prompts, ids, outs):
+                                 max_tokens=caps[i], seed=None if spec.seed is None else derive_seed(spec.seed, i),
+                                 logprobs=0 if spec.logprobs else None, **extra) for i in range(len(token_lists))]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in token_lists], params, use_tqdm=False)
+        result = []
+        for out in outs:
             trajs = []
             for o in out.outputs:
                 lp = None
@@ -140,8 +145,8 @@ class VLLMGenerator:
                     lp = [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)]
                 trajs.append(Trajectory(completion_ids=list(o.token_ids), text=o.text,
                                         finish_reason="stop" if o.finish_reason == "stop" else "length", logprobs=lp))
-            groups.append(TrajectoryGroup(prompt=p, prompt_ids=pid, trajectories=trajs, version=self.version))
-        return groups
+            result.append(trajs)
+        return result
 
     def load_weights(self, weights: Weights | str, version: int) -> None:
         self._wake("weights")
@@ -165,6 +170,17 @@ class VLLMGenerator:
     def close(self) -> None:
         llm, self.llm = self.llm, None
         del llm
+
+
+def _sampling_extra(extra: dict) -> dict:
+    """rollout/eval.generation_kwargs for vLLM's SamplingParams: `structured_outputs` given as a mapping (YAML's form,
+    e.g. {regex: ...} to constrain a tool-call turn) becomes vLLM 0.32's `StructuredOutputsParams` (sampling_params.py)."""
+    so = extra.get("structured_outputs")
+    if isinstance(so, dict):
+        from vllm.sampling_params import StructuredOutputsParams
+
+        extra = {**extra, "structured_outputs": StructuredOutputsParams(**so)}
+    return extra
 
 
 def _external_launcher() -> dict:

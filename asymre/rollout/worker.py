@@ -25,6 +25,7 @@ from typing import Any
 
 from asymre.data import Prompt, TrajectoryGroup
 from asymre.rollout.base import SamplingSpec, check_groups
+from asymre.rollout.episodes import episode_metrics, portable
 
 
 class WorkerError(RuntimeError):
@@ -92,7 +93,7 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
                 t0 = time.perf_counter()
                 groups = gen.generate(prompts, spec)
                 gen_s = time.perf_counter() - t0
-                metrics: dict[str, float] = {"perf/generation_seconds": gen_s}
+                metrics: dict[str, float] = {"perf/generation_seconds": gen_s, **episode_metrics(groups)}
                 if scorer is not None:
                     try:
                         metrics.update(scorer.score(groups, step))
@@ -100,10 +101,12 @@ def _worker_main(index: int, factory: Callable, factory_args: tuple, factory_kwa
                         kind = "contract" if isinstance(e, RewardContractError) else "failed"
                         out_q.put(("reward_error", index, (rid, (kind, str(e)))))
                         continue
+                    for g in groups:
+                        g.environments = None  # scored here: the episodes' environments stay in this process
                 out_q.put(("groups", index, (rid, groups, metrics)))
             elif kind == "evaluate":
                 _, rid, prompts, spec = msg
-                out_q.put(("evaluated", index, (rid, gen.generate(prompts, spec))))
+                out_q.put(("evaluated", index, (rid, portable(gen.generate(prompts, spec)))))
         gen.close()
     except BaseException:  # noqa: BLE001 - anything the worker hits goes to the learner as its traceback
         out_q.put(("error", index, traceback.format_exc()))
