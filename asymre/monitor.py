@@ -33,6 +33,17 @@ class CollapseMonitor:
         self.best_ema = float("-inf")
         self.warned: set[str] = set()
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (JSON): the reward average and its best, and the signals already warned about, so a
+        resumed run's collapse metrics continue the uninterrupted run's."""
+        return {"reward_ema": self.reward_ema, "best_ema": None if self.best_ema == float("-inf") else self.best_ema,
+                "warned": sorted(self.warned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reward_ema = state["reward_ema"]
+        self.best_ema = float("-inf") if state["best_ema"] is None else state["best_ema"]
+        self.warned = set(state["warned"])
+
     def update(self, metrics: dict[str, float], groups: list[TrajectoryGroup]) -> dict[str, float]:
         out = {"collapse/distinct_answers": distinct_answers(groups)}
         r = metrics.get("reward/mean")

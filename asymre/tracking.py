@@ -149,8 +149,10 @@ class MetricsLogger:
             import wandb
 
             columns = ["step", "policy_version", "prompt", "completion", "reward", "advantage"]
-            self.wandb.log({"completions": wandb.Table(columns=columns, data=[[step] + [r.get(c) for c in columns[1:]] for r in rows])},
-                           step=step)
+            if any("messages" in r for r in rows):  # episodes: the whole exchange, tool calls and results, as JSON
+                columns.append("messages")
+            data = [[step] + [json.dumps(r.get(c)) if c == "messages" else r.get(c) for c in columns[1:]] for r in rows]
+            self.wandb.log({"completions": wandb.Table(columns=columns, data=data)}, step=step)
 
     def close(self) -> None:
         if not self.enabled:

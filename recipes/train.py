@@ -132,7 +132,7 @@ class AsymRERecipe:
     def _save_checkpoint(self) -> None:
         step = self.learner.step
         state = {"learner_step": step, **self.rollout.state_dict(step), "running_baseline": self.learner.running.state_dict(),
-                 "config": to_dict(self.cfg)}
+                 "collapse_monitor": self.monitor.state_dict(), "config": to_dict(self.cfg)}
         behaviour = self.rollout.behaviour(step)
         save_checkpoint(self.acc, self.run_dir, step, state, behaviour, self.cfg.checkpoint.keep_last,
                         expected_bytes=self._checkpoint_bytes(behaviour is not None))
@@ -145,6 +145,8 @@ class AsymRERecipe:
         state, behaviour = load_checkpoint(self.acc, path)
         self.learner.step = state["learner_step"]
         self.learner.running.load_state_dict(state["running_baseline"])
+        if "collapse_monitor" in state:  # (checkpoints written before it was kept restart its averages)
+            self.monitor.load_state_dict(state["collapse_monitor"])
         version = self.rollout.load_state_dict(state, behaviour, self.learner.step)
         self.resumed_from = str(path)
         log.info("resumed from %s at learner step %d (engine version %d)", path, self.learner.step, version)
@@ -263,8 +265,16 @@ def _completion_rows(groups, batch) -> list[dict]:
         t = g.trajectories[ti]
         rows.append({"group": gi, "prompt_uid": g.prompt.uid, "prompt": g.prompt.messages[-1]["content"], "completion": t.text,
                      "reward": t.reward, "rewards": dict(t.scores), "advantage": adv, "policy_version": g.version,
-                     "finish_reason": t.finish_reason, "completion_tokens": len(t.completion_ids), **({"extra": t.extras} if t.extras else {})})
+                     "finish_reason": t.finish_reason, "completion_tokens": len(t.completion_ids), **({"extra": t.extras} if t.extras else {}),
+                     **(_episode_row(t) if t.episode is not None else {})})
     return rows
+
+
+def _episode_row(t) -> dict:
+    """An episode's messages (the model's turns with their tool calls, the tools' results and errors) and counts."""
+    ep = t.episode
+    return {"messages": ep.get("messages", []), "turns": ep.get("turns", 0), "tool_calls": ep.get("tool_calls", {}),
+            "tool_errors": ep.get("tool_errors", {}), "model_tokens": t.model_tokens}
 
 
 def _mean(xs) -> float:

@@ -384,7 +384,7 @@ def _float64_episode_gradient(learner, groups, aggregation: str, train_inserted:
     batch = learner.build_batch(groups)
     total = torch.zeros((), dtype=torch.float64)
     n_tokens = 0
-    for i, ((gi, ti), a) in enumerate(zip(batch.refs, batch.advantages.double())):
+    for (gi, ti), a in zip(batch.refs, batch.advantages.double()):
         t = groups[gi].trajectories[ti]
         seq = torch.tensor([groups[gi].prompt_ids + t.completion_ids])
         logits = model(input_ids=seq).logits[:, :-1].double()

@@ -6,6 +6,7 @@ sample this way while its unit tests passed)."""
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ CPU_SCALE = ["learner.steps=2", "rollout.prompts_per_step=2", "rollout.group_siz
 DATA_FIXTURES = {"DigitalLearningGmbH/MATH-lighteval": DATA / "math_train.jsonl", "HuggingFaceH4/MATH-500": DATA / "math500_test.jsonl"}
 
 CONFIGS = ["recipes/configs/smollm2_arithmetic_cpu.yaml", "recipes/configs/qwen2.5_3b_math_1gpu.yaml",
-           "recipes/configs/llama3.1_8b_math_8gpu.yaml", "examples/conversational/config.yaml"]
+           "recipes/configs/llama3.1_8b_math_8gpu.yaml", "examples/conversational/config.yaml", "examples/tool_use/config.yaml"]
 # Examples that are a config plus overrides (their own launch line): (config, overrides) as the example runs it.
 EXAMPLE_RUNS = {"examples/custom_reward.py": "examples.custom_reward"}
 
@@ -132,6 +133,10 @@ def test_recipe_runs_end_to_end(path, own, tmp_path, vllm_engine, monkeypatch):
             for group in by_prompt.values():
                 mean = sum(r["reward"] for r in group) / len(group)
                 assert all(abs(r["advantage"] - (r["reward"] - mean - cfg.loss.delta_v)) < 1e-5 for r in group)
+    if cfg.rollout.environment:  # episodes: each row is the episode's messages; the rewards got its environments
+        assert all(r["messages"] and r["messages"][0]["role"] == "assistant" and r["turns"] >= 1 for r in rows)
+        assert all("episode/turns" in r and "episode/tool_calls" in r for r in steps)
+        assert all(f"reward/{spec}_mean" in r for spec in cfg.reward.funcs for r in steps)
     if path == "examples/conversational/config.yaml":  # its rewards index completion[0]["content"] and call log_metric
         import re  # the metric its reward logged is the share of that step's completions holding a digit
 
@@ -164,3 +169,27 @@ def test_asymre_eval_with_the_paper_preset_on_math(vllm_engine, monkeypatch, cap
     out = json.loads(capsys.readouterr().out)
     assert out["preset"] == "paper" and out["eval/prompts"] == 3 and out["eval/dropped"] == 0
     assert [(s.temperature, s.top_p) for s in specs] == [(0.1, 0.95)]
+
+
+@pytest.mark.slow
+def test_the_tool_example_runs_in_async_mode(tmp_path):
+    """examples/tool_use in async mode: the episodes (environment instances, tools, the shipped template) run in the
+    generation worker's process, are scored there with their environments, and train in the learner's."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "recipes/train.py", "--config", "examples/tool_use/config.yaml", "rollout.mode=async",
+           "rollout.backend=hf", "rollout.num_workers=1", *CPU_SCALE, "eval.at_start=false", f"logging.run_dir={run}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss/value" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["reward/dropped"] == 0 and "episode/turns" in r for r in steps if "reward/dropped" in r)
+    assert any("reward/examples.tool_use.env:looked_up_reward_mean" in r for r in steps)
+    evals = [r for r in records if "eval/pass@1" in r]
+    assert len(evals) == 1 and "eval/episode/turns" in evals[0]
+    rows = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines()]
+    assert rows and all(r["messages"] for r in rows)

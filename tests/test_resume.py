@@ -26,6 +26,27 @@ ARGS = ["rollout.backend=hf", "rollout.prompts_per_step=3", "rollout.group_size=
         "checkpoint.every=2", "checkpoint.keep_last=1", "eval.at_start=false", "eval.at_end=false", "logging.progress=false"]
 
 
+# The multi-turn variant: every model turn calls `echo` (the run's own tool_parser, a user's extension point), so each
+# episode is turn, tool result, turn (cut at max_turns): environment tokens, masks and episode records in the buffer,
+# the checkpoint and the completions, through the real transformers engine and the real episode loop.
+MULTI_TURN = ["model.chat_template=chatml-tools", "rollout.tools=[tests.test_resume:echo]",
+              "rollout.tool_parser=tests.test_resume:every_turn_calls_echo", "rollout.max_turns=2", "rollout.max_new_tokens=40",
+              "rollout.max_episode_tokens=120"]
+
+
+def echo(text: str) -> str:
+    """Say the text back, louder.
+
+    Args:
+        text: What to say.
+    """
+    return text.upper()
+
+
+def every_turn_calls_echo(text: str):
+    return text, [{"name": "echo", "arguments": {"text": text[:12]}}]
+
+
 def _cmd(run_dir, *extra):
     return [sys.executable, "recipes/train.py", "--config", "recipes/configs/smollm2_arithmetic_cpu.yaml", *ARGS,
             f"logging.run_dir={run_dir}", *extra]
@@ -43,15 +64,16 @@ def _by_step(run_dir):
     return out
 
 
-def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("episodes", [[], MULTI_TURN], ids=["single-turn", "multi-turn"])
+def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path, episodes):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    r = subprocess.run(_cmd(full), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_cmd(full, *episodes), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     shutil.rmtree(full / "checkpoints")  # 1.5 GB each; only its metrics and final model are compared
 
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(_cmd(killed, *episodes), cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     ck = killed / "checkpoints"
     while not ((ck / "step-000004" / "COMPLETE").exists() and not (ck / "step-000002").exists()):
@@ -67,14 +89,19 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path):
     at_kill = json.loads((ck / "step-000004" / "trainer_state.json").read_text())
     assert at_kill["engine_version"] == 3 and (ck / "step-000004" / "behaviour" / "model.safetensors").is_file()
     assert at_kill["buffer"]["groups"] and at_kill["running_baseline"]["estimates"]
+    if episodes:  # the buffered groups are episodes: the model's turns, the tool's tokens (masked), and their record
+        buffered = [t for g in at_kill["buffer"]["groups"] for t in g["trajectories"]]
+        assert any(0 in t["mask"] and 1 in t["mask"] and t["episode"]["tool_calls"] == {"echo": 1} for t in buffered)
 
-    r = subprocess.run(_cmd(killed, "resume=auto"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_cmd(killed, *episodes, "resume=auto"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "resumed from" in r.stdout and "step-000004" in r.stdout
 
     a, b = _by_step(full), _by_step(killed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     assert "reward/mean" in a[5] and "reward/mean" not in a[6]  # step 6 trains on groups step 5 left in the buffer
+    if episodes:
+        assert a[5]["episode/turns"] > 1 and a[5]["episode/env_token_frac"] > 0
     for step in (5, 6):  # every metric but the timings, bit for bit
         assert a[step].keys() == b[step].keys()
         for key in (k for k in a[step] if not (k.startswith("perf/") or k.endswith("seconds") or k == "time")):

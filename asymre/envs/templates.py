@@ -22,7 +22,10 @@ from asymre.config import ConfigError
 SHIPPED = {"chatml-tools": Path(__file__).with_name("chatml_tools.jinja")}
 _PROBE_USER = {"role": "user", "content": "What is the weather in Paris?"}
 _PROBE_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-_PROBE_ASSISTANT = {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}
+_PROBE_ASSISTANT = {"role": "assistant", "content": "Let me check.", "tool_calls": [_PROBE_CALL]}
+_PROBE_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                               "required": ["city"]}}}
 
 
 def resolve_chat_template(value: str | None) -> str | None:
@@ -72,6 +75,7 @@ def check_template(tokenizer, eos: set[int], model: str, template: str | None = 
     name = "model.chat_template" if template else f"{model}'s own chat template"
     tool = {"role": "tool", "name": "get_weather", "content": "sunny, 21 C"}
     try:
+        prompt = render(tokenizer, [_PROBE_USER], tools=[_PROBE_TOOL], generation_prompt=True, template=template, kwargs=kwargs)
         head = render(tokenizer, [_PROBE_USER, _PROBE_ASSISTANT], generation_prompt=False, template=template, kwargs=kwargs)
         with_tool = render(tokenizer, [_PROBE_USER, _PROBE_ASSISTANT, tool], generation_prompt=True, template=template, kwargs=kwargs)
         later = render(tokenizer, [_PROBE_USER, _PROBE_ASSISTANT, tool, {"role": "assistant", "content": "It is sunny."}],
@@ -79,6 +83,9 @@ def check_template(tokenizer, eos: set[int], model: str, template: str | None = 
     except Exception as e:
         raise ConfigError(f"{name} cannot render a tool call and a tool turn for {model} ({type(e).__name__}: {e}); set "
                           "model.chat_template to a tool-capable template (chatml-tools for ChatML models such as SmolLM2)") from e
+    if "get_weather" not in tokenizer.decode(prompt):
+        raise ConfigError(f"{name} does not show the tools to {model} (apply_chat_template(tools=...) renders no schema): set "
+                          "model.chat_template to a tool-capable template (chatml-tools for ChatML models such as SmolLM2)")
     if tokenizer.decode(with_tool).count("sunny, 21 C") != 1:
         raise ConfigError(f"{name} does not render tool results for {model} (a `tool` message left no trace): set "
                           "model.chat_template to a tool-capable template (chatml-tools for ChatML models such as SmolLM2)")

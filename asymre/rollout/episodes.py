@@ -24,6 +24,8 @@ raises drops that sample (an empty trajectory the learner skips) with one warnin
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -179,7 +181,7 @@ def run_episodes(engine, prompts: list[Prompt], spec: SamplingSpec) -> list[Traj
         calling = [e for e in live if not e.done]
         if not calling:
             break
-        _answer_calls(calling, ep, tok, eos, budget)
+        _answer_calls(calling, ep, tok, eos, budget, engine.chat_template_kwargs)
         nxt = [e for e in calling if not e.done]
         if not nxt:
             break
@@ -192,7 +194,10 @@ def run_episodes(engine, prompts: list[Prompt], spec: SamplingSpec) -> list[Traj
     for e in flat:
         if e.env is not None and e.dropped is None and callable(getattr(e.env, "get_reward", None)):
             try:
-                e.env_reward = float(e.env.get_reward())
+                value = e.env.get_reward()
+                if inspect.isawaitable(value):  # an async get_reward (e.g. an LLM judge), as TRL allows
+                    value = asyncio.run(_await(value))
+                e.env_reward = float(value)
             except Exception as err:  # noqa: BLE001 - counted like a reward function's failure: the sample keeps its other rewards
                 log.warning("%s.get_reward raised %s: %s", type(e.env).__name__, type(err).__name__, err)
     return _groups(prompts, ids, episodes, first, engine.version, ep, spec.logprobs)
@@ -217,7 +222,7 @@ def _start_group(p: Prompt, n: int, ep: EpisodeSpec, rt: _Runtime | None) -> tup
         if cls is not None:
             try:
                 e.env = cls()
-                obs = e.env.reset(**_row(p))
+                obs = e.env.reset(**_row(p, ep.environment_column if len(rt.classes) > 1 else None))
             except Exception as err:  # noqa: BLE001 - a user environment: drop the sample, go on
                 log.warning("%s.reset raised on row %r (%s: %s): that sample is dropped", cls.__name__, p.uid, type(err).__name__, err)
                 e.dropped = f"reset raised {type(err).__name__}"
@@ -240,9 +245,17 @@ def _start_group(p: Prompt, n: int, ep: EpisodeSpec, rt: _Runtime | None) -> tup
     return group, shown, [schema(f) for f in live.tools.values()]
 
 
-def _row(p: Prompt) -> dict:
-    """reset's keyword arguments: the row's columns, and its prompt (TRL passes the dataset row)."""
-    return {"prompt": p.messages if p.conversational else p.messages[-1]["content"], **p.columns}
+def _row(p: Prompt, drop: str | None) -> dict:
+    """reset's keyword arguments: the dataset row, its prompt and columns (TRL 1.16 `environment.reset(**x)`), without
+    the column that chose the environment when there are several (TRL drops its `environment` field too)."""
+    row = {"prompt": p.messages if p.conversational else p.messages[-1]["content"], **p.columns}
+    if drop:
+        row.pop(drop, None)
+    return row
+
+
+async def _await(aw):
+    return await aw
 
 
 def _take_turn(e: _Episode, s: Trajectory, logprobs: bool) -> None:
@@ -274,7 +287,7 @@ def _decide(e: _Episode, rt: _Runtime, ep: EpisodeSpec, turn: int) -> None:
         e.pending = calls
 
 
-def _answer_calls(calling: list[_Episode], ep: EpisodeSpec, tok, eos: set[int], budget: int) -> None:
+def _answer_calls(calling: list[_Episode], ep: EpisodeSpec, tok, eos: set[int], budget: int, kwargs: dict) -> None:
     """Every pending call of every episode at once; their results appended as the environment's tokens."""
     from asymre.envs import call_tools
     from asymre.envs.parsing import ToolCall, ToolFault
@@ -304,7 +317,10 @@ def _answer_calls(calling: list[_Episode], ep: EpisodeSpec, tok, eos: set[int], 
                 e.forced_reward = ep.bad_tool_call_reward
             continue
         last = e.ids[-1] if e.ids else None
-        suffix = environment_suffix(tok, messages, eos, ep.chat_template)
+        # the probe's call carries the real tool name (some templates, GPT-OSS's, derive the tool turn's header from it),
+        # as TRL 1.16's _get_tool_suffix_ids does
+        call = {"type": "function", "function": {"name": messages[0]["name"] or "tool", "arguments": {}}}
+        suffix = environment_suffix(tok, messages, eos, ep.chat_template, kwargs, call)
         if last not in eos:  # the turn stopped on a stop string, not its end-of-turn token: the template's comes first
             suffix = [min(eos)] + suffix
         if len(e.ids) + len(suffix) >= budget:  # no room left for the result and a next turn

@@ -189,3 +189,31 @@ def test_a_reward_of_the_wrong_length_stops_the_run_naming_it_and_the_lengths():
     assert str(e.value) == ("reward function 'tests.rewards.test_rewards:wrong_length' returned 1 values for 3 completions "
                             "(a reward returns one float per completion, or None to abstain)")
     assert rewards_of(groups[0]) == [None] * 3  # nothing half-scored
+
+
+class _Env:
+    def __init__(self, found):
+        self.found = found
+
+
+def env_reward(completions, environments, **kwargs):
+    """A TRL reward that reads the episode's environment, and sees the episode's messages as its completion."""
+    assert all(isinstance(c, list) and c[-1]["role"] == "assistant" for c in completions)
+    return [float(e.found) for e in environments]
+
+
+def _episode(text, **record):
+    return Trajectory([1, 2, 3], text, "stop", mask=[1, 0, 1],
+                      episode={"messages": [{"role": "assistant", "content": text}], "turns": 1, **record})
+
+
+def test_episodes_are_scored_with_their_environments_get_reward_and_forced_rewards():
+    trajs = [_episode("a", env_reward={"FactEnv": 0.5}), _episode("b"), _episode("c", forced_reward=-1.0),
+             Trajectory([], "", "dropped", mask=[], episode={"dropped": "reset raised KeyError", "messages": [], "turns": 0})]
+    g = TrajectoryGroup(Prompt("p", [{"role": "user", "content": "q"}], conversational=True), [9], trajs, 0)
+    g.environments = [_Env(True), _Env(False), _Env(True), None]
+    scorer = RewardScorer(["tests.rewards.test_rewards:env_reward"])
+    scorer.score([g])
+    assert [t.reward for t in trajs] == [1.5, 0.0, -1.0, None]  # + get_reward (weight 1); forced; dropped
+    assert trajs[0].scores == {"tests.rewards.test_rewards:env_reward": 1.0, "FactEnv": 0.5}
+    assert g.environments is None  # scored: never carried into the buffer

@@ -124,9 +124,9 @@ def test_an_episode_is_the_models_tokens_plus_the_templates_rendering_of_each_to
     assert [m for m, _ in segs] == [1, 0, 1, 0, 1]
     eos = eos_token_ids(tok)
     said = [_call("lookup", name="Ada"), _call("double", x=21), "Ada lives in London."]
-    for (m, ids), text in zip(segs[::2], said):  # the model's turns: exactly what the engine sampled
+    for (_, ids), text in zip(segs[::2], said):  # the model's turns: exactly what the engine sampled
         assert ids == tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    for (m, ids), result, name in zip(segs[1::2], ["London", "42"], ["lookup", "double"]):  # the environment's: the template's
+    for (_, ids), result, name in zip(segs[1::2], ["London", "42"], ["lookup", "double"]):  # the environment's: the template's
         assert ids == environment_suffix(tok, [{"role": "tool", "name": name, "content": result}], eos, TEMPLATE)
         # written out: the newline ChatML puts after the model's <|im_end|>, the tool turn, the next assistant header
         literal = f"\n<|im_start|>tool\n<tool_response>\n{result}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
@@ -245,3 +245,133 @@ def test_the_same_seed_gives_the_same_episodes_and_turn_seeds_differ(tok):
     b = run_episodes(Seeds(tok, [_call("lookup", name="Ada"), "done"]), _prompts(), replace(spec))
     assert [t.completion_ids for t in a[0].trajectories] == [t.completion_ids for t in b[0].trajectories]
     assert seen[0] == 5 and seen[1] != 5 and seen[:2] == seen[2:]  # turn 1 keeps the round's seed (single-turn unchanged)
+
+
+# ------------------------------------------------------------------------------------------------ a real vLLM engine
+class LookupEnv:
+    """TRL's documented form, as a user copies it: reset(**kwargs), one tool method with a Google-style docstring."""
+
+    def reset(self, **kwargs) -> str | None:
+        self.looked_up = 0
+        return None
+
+    def lookup(self, name: str) -> str:
+        """
+        Look up where a person lives.
+
+        Args:
+            name: The person's full name.
+
+        Returns:
+            The city the person lives in.
+        """
+        self.looked_up += 1
+        return {"Ada": "London", "Alan": "Wilmslow"}.get(name, "no such record")
+
+
+CALL_REGEX = r'<tool_call>\n\{"name": "lookup", "arguments": \{"name": "(Ada|Alan)"\}\}\n</tool_call>'
+
+
+@pytest.mark.slow
+def test_a_real_vllm_engine_runs_three_turn_episodes_token_exact(vllm_engine, tok):
+    """SmolLM2 never calls a tool unaided (0 of 128 samples), so vLLM's structured outputs constrain every turn to a
+    lookup call (rollout.generation_kwargs: structured_outputs: {regex: ...}): episodes of 3 model turns, 2 tool
+    results, cut at max_turns. The token list is each turn's sampled tokens, exactly, then the template's rendering of
+    the tool's answer; the behaviour log-probs are the engine's on the model's tokens and 0.0 on the environment's."""
+    from tests.recipe_utils import lend_engine
+
+    engine = lend_engine(vllm_engine, max_prompt_tokens=1024)
+    ep = dict(max_turns=3, max_tokens=400, tools=(), environment="tests.rollout.test_episodes:LookupEnv")
+    spec = replace(_spec(**ep), n=2, temperature=1.0, max_new_tokens=40,
+                   extra={"structured_outputs": {"regex": CALL_REGEX}})
+    groups = engine.generate(_prompts() + [Prompt("p1", [{"role": "user", "content": "Where does Alan live?"}], {}, True)], spec)
+    eos = eos_token_ids(tok)
+    for g in groups:
+        for t in g.trajectories:
+            segs = _segments(t)
+            assert [m for m, _ in segs] == [1, 0, 1, 0, 1] and t.episode["turns"] == 3 and t.finish_reason == "length"
+            names = [c["tool_calls"][0]["function"]["arguments"]["name"] for c in t.episode["messages"] if c["role"] == "assistant"]
+            for (_, ids), name in zip(segs[::2], names):  # the model's tokens: what it sampled, ending on its <|im_end|>
+                assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]) == _call("lookup", name=name)
+            for (_, ids), name in zip(segs[1::2], names):
+                answer = {"Ada": "London", "Alan": "Wilmslow"}[name]
+                assert ids == environment_suffix(tok, [{"role": "tool", "name": "lookup", "content": answer}], eos, TEMPLATE)
+            assert all(lp < 0 or lp == 0.0 for lp in t.logprobs) and all(lp == 0.0 for lp, m in zip(t.logprobs, t.mask) if not m)
+            assert any(lp < 0 for lp in t.logprobs)
+            assert t.episode["tool_calls"] == {"lookup": 2} and g.environments[g.trajectories.index(t)].looked_up == 2
+    # the engine continues an episode's exact tokens: re-sampling its last turn from its own context gives the same turn
+    t = groups[0].trajectories[0]
+    last = [i for i, m in enumerate(t.mask) if m == 0][-1] + 1
+    greedy = replace(spec, n=1, temperature=0.0, episode=None)
+    again = engine.sample([groups[0].prompt_ids + t.completion_ids[:last]], greedy)[0][0]
+    assert tok.decode(again.completion_ids[:-1]).startswith('<tool_call>\n{"name": "lookup"')
+
+
+@pytest.mark.slow
+def test_single_completions_on_vllm_are_what_they_were_before_episodes(vllm_engine):
+    """The one-turn episode on the real engine: the same seed gives the tokens, text and log-probs recorded before the
+    episode loop existed (tests/data/single_turn_vllm_reference.json: the default task's first 3 prompts, 3 samples)."""
+    from pathlib import Path
+
+    from asymre.config import load_config
+    from asymre.tasks import build_task
+    from tests.recipe_utils import lend_engine
+
+    root = Path(__file__).resolve().parents[2]
+    ref = json.loads((root / "tests/data/single_turn_vllm_reference.json").read_text())
+    train, _ = build_task(load_config(root / "recipes/configs/smollm2_arithmetic_cpu.yaml").task)
+    engine = lend_engine(vllm_engine, max_prompt_tokens=384)
+    groups = engine.generate(train[:3], SamplingSpec(n=3, temperature=1.0, max_new_tokens=12, seed=1234, logprobs=True))
+    got = [{"uid": g.prompt.uid, "prompt_ids": g.prompt_ids,
+            "samples": [{"ids": t.completion_ids, "logprobs": t.logprobs, "text": t.text, "finish": t.finish_reason} for t in g.trajectories]}
+           for g in groups]
+    assert got == ref
+
+
+# ------------------------------------------------------------------------------------------------ start-up checks
+def _startup(model_path, *over):
+    from asymre.config import load_config
+    from asymre.rollout import check_episodes
+
+    cfg = load_config(None, ["rollout.environment=tests.rollout.test_episodes:LookupEnv", *over])
+    return check_episodes(cfg, model_path)
+
+
+def test_startup_refuses_a_template_without_tools_and_one_that_re_renders_earlier_turns(model_path):
+    from asymre.config import ConfigError
+
+    with pytest.raises(ConfigError, match="smollm2-135m-instruct's own chat template does not show the tools"):
+        _startup(model_path)  # SmolLM2's own template ignores tools=
+    assert _startup(model_path, "model.chat_template=chatml-tools").chat_template == TEMPLATE
+    # a template that drops an earlier assistant turn's text once a later one exists (as reasoning templates drop <think>)
+    dropping = TEMPLATE.replace("{{- '<|im_start|>assistant\\n' + (message['content'] or '') -}}",
+                                "{{- '<|im_start|>assistant\\n' + ((message['content'] or '') if loop.last else '') -}}")
+    assert dropping != TEMPLATE
+    with pytest.raises(ConfigError, match="differently once a tool turn follows it|re-renders earlier turns"):
+        _startup(model_path, f"model.chat_template={json.dumps(dropping)}")
+
+
+@pytest.mark.parametrize("over, error", [
+    (["rollout.tools=[tests.rollout.test_episodes:nope]"], r"rollout.tools: 'tests.rollout.test_episodes:nope': module .* has no 'nope'"),
+    (["rollout.tools=[tests.rollout.test_episodes:_undocumented]"], "cannot build its tool schema"),
+    (["rollout.environment=tests.rollout.test_episodes:NeedsArgs"], "NeedsArgs cannot be built with no arguments"),
+    (["rollout.tool_parser=xml"], "rollout.tool_parser='xml'"),
+    (["rollout.backend=tests.fakes:make", "model.chat_template=chatml-tools"], "has only `generate`"),
+])
+def test_startup_names_a_bad_tool_environment_or_parser(model_path, over, error):
+    from asymre.config import ConfigError
+
+    with pytest.raises(ConfigError, match=error):
+        _startup(model_path, "model.chat_template=chatml-tools", *over)
+
+
+def _undocumented(x):
+    return x
+
+
+class NeedsArgs:
+    def __init__(self, db):
+        self.db = db
+
+    def reset(self, **kwargs):
+        return None
