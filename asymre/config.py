@@ -130,7 +130,7 @@ class RolloutConfig:
     on_bad_tool_call: str = _f("message", "Episodes: a malformed, failing or timed-out call: 'message' (its error is the tool's result), "
                                           "'end' (the episode ends there), 'reward' (ends, with rollout.bad_tool_call_reward).")
     bad_tool_call_reward: float = _f(0.0, "Episodes, on_bad_tool_call=reward: the episode's reward.")
-    tool_parser: str = _f("auto", "Episodes: how calls are read from a model turn: 'auto' (the tokenizer's response_schema, else "
+    tool_parser: str = _f("auto", "Episodes: how calls are read from a model turn: 'auto' (the tokenizer's response_template, else "
                                   "hermes), 'hermes' (<tool_call>{json}</tool_call>), or 'pkg.module:function'.")
 
 

@@ -4,8 +4,8 @@ A parser maps the text of one model turn to (content, calls): the message's text
 `ToolCall` per call, or a `ToolFault` where a call is there but malformed (it reaches the model as the tool's result,
 asymre/rollout/episodes.py). Parsers:
 
-- `auto`: the tokenizer's `response_schema` when it has one (transformers 5.x `tokenizer.parse_response`, the chat
-  template's own tool format), else `hermes`.
+- `auto`: the tokenizer's own response format when it has one (transformers 5.19 `response_template`, read by
+  `tokenizer.parse_response`: the chat template's own tool format), else `hermes`.
 - `hermes`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes, Qwen2.5/3, and asymre's shipped
   `chatml-tools` template for SmolLM2); `arguments` may also be a JSON string, as OpenAI's form has it.
 - `pkg.module:function`: a user's own, `f(text) -> (content, calls)` with calls as dicts {"name", "arguments"}.
@@ -78,12 +78,21 @@ def call_from_dict(obj: Any, raw: str = "") -> ToolCall | ToolFault:
     return ToolCall(obj["name"], args)
 
 
+def has_response_parser(tokenizer) -> bool:
+    """The tokenizer carries its template's response format: transformers 5.19 `response_template` (or the legacy
+    `response_schema` of earlier 5.x)."""
+    return bool(getattr(tokenizer, "response_template", None) or getattr(tokenizer, "response_schema", None))
+
+
 def schema_parser(tokenizer) -> Callable[[str], tuple[str, list[ToolCall | ToolFault]]]:
-    """The tokenizer's own response parser (transformers `tokenizer.parse_response`, driven by its `response_schema`)."""
+    """The tokenizer's own response parser: transformers 5.19 `tokenizer.parse_response(response, prefix=...)`
+    (tokenization_utils_base.py), driven by its `response_template`; the turn's text alone, so an empty prefix. A
+    region that does not parse (malformed JSON) raises ValueError there: a `bad_json` fault here (TRL 1.16 instead
+    takes the turn as plain text and ends the episode)."""
 
     def parse(text: str):
         try:
-            parsed = tokenizer.parse_response(text)
+            parsed = tokenizer.parse_response(text, prefix="")
         except Exception as e:  # noqa: BLE001 - the schema's regex or JSON step failed: the call is malformed
             return text.strip(), [ToolFault("bad_json", f"Error: the tool call could not be parsed ({type(e).__name__}: {str(e)[:200]})")]
         if not isinstance(parsed, dict):
@@ -100,7 +109,7 @@ PARSERS: dict[str, Callable[[str], tuple[str, list[ToolCall | ToolFault]]]] = {"
 def make_parser(name: str, tokenizer) -> Callable[[str], tuple[str, list[ToolCall | ToolFault]]]:
     """rollout.tool_parser -> a parser for this tokenizer."""
     if name == "auto":
-        return schema_parser(tokenizer) if getattr(tokenizer, "response_schema", None) else hermes
+        return schema_parser(tokenizer) if has_response_parser(tokenizer) else hermes
     if name in PARSERS:
         return PARSERS[name]
     if ":" in name:

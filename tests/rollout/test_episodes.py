@@ -375,3 +375,22 @@ class NeedsArgs:
 
     def reset(self, **kwargs):
         return None
+
+
+def test_auto_reads_calls_with_the_tokenizers_own_response_template(model_path):
+    """A tokenizer with a response format (transformers 5.19 `response_template`, TRL's Qwen3 one here: the same ChatML
+    anchors) is parsed by `tokenizer.parse_response`; malformed JSON is a bad_json fault; without one, hermes."""
+    from asymre.envs.parsing import ToolCall, ToolFault, hermes, make_parser
+
+    tok = load_tokenizer(model_path)
+    assert make_parser("auto", tok) is hermes
+    tok.response_template = {"defaults": {"role": "assistant"}, "start_anchor": "<|im_start|>assistant\n", "fields": {
+        "tool_calls": {"open": "<tool_call>", "close_pattern": r"</tool_call>\s*", "repeats": True, "content": "json",
+                       "transform": {"type": "function", "function": "{content}"}},
+        "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"}}}
+    parse = make_parser("auto", tok)
+    assert parse is not hermes
+    assert parse("Let me look.\n" + _call("lookup", name="Ada")) == ("Let me look.", [ToolCall("lookup", {"name": "Ada"})])
+    content, calls = parse('<tool_call>\n{"name": "lookup", "arguments": {"name": }\n</tool_call>')
+    assert len(calls) == 1 and isinstance(calls[0], ToolFault) and calls[0].kind == "bad_json"
+    assert parse("Just text.") == ("Just text.", [])
