@@ -147,9 +147,16 @@ def test_recipe_runs_end_to_end(path, own, tmp_path, vllm_engine, monkeypatch):
         tok = vllm_engine.tokenizer
         groups = [g for batch in seen for g in batch]
         assert groups
-        for g in groups:
+        from asymre.envs import environment_tools, load_environments, load_tools, schema
+        from asymre.envs.templates import resolve_chat_template
+
+        tools = list(load_tools(cfg.rollout.tools).values())
+        for cls in load_environments(cfg.rollout.environment).values():  # an episode's tools: its environment's methods
+            tools += list(environment_tools(cls()).values())
+        for g in groups:  # (with the run's model.chat_template, and the tools' schemas in the system turn)
             want = tok.apply_chat_template(g.prompt.messages, add_generation_prompt=True, tokenize=True, return_dict=False,
-                                           **cfg.task.chat_template_kwargs)
+                                           tools=[schema(t) for t in tools] or None,
+                                           chat_template=resolve_chat_template(cfg.model.chat_template), **cfg.task.chat_template_kwargs)
             assert g.prompt_ids == list(want)[-cfg.rollout.max_prompt_tokens:]
 
 
