@@ -94,7 +94,7 @@ def test_group_json_stores_prompt_ids_and_version_once():
     g = _group(3, reward=0.5)
     d = json.loads(json.dumps(g.to_dict()))
     assert d["prompt_ids"] == [1, 2] and d["version"] == 3 and d["uses"] == 0
-    assert all(set(t) == {"completion_ids", "text", "finish_reason", "logprobs", "reward", "extras", "scores"}
+    assert all(set(t) == {"completion_ids", "text", "finish_reason", "logprobs", "reward", "extras", "scores", "mask", "episode"}
                for t in d["trajectories"])
     assert TrajectoryGroup.from_dict(d) == g
     old = {k: v for k, v in d.items() if k != "prompt_ids"}
