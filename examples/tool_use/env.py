@@ -44,6 +44,9 @@ def answer_reward(completions, solution, **kwargs) -> list[float]:
     return [float(s.lower() in _final(c).lower()) for c, s in zip(completions, solution)]
 
 
-def looked_up_reward(completions, person, environments, **kwargs) -> list[float]:
-    """0.5 when the episode looked the right person up (read from its environment, as under TRL)."""
-    return [0.5 * (p in env.lookups) if env is not None else 0.0 for p, env in zip(person, environments)]
+def looked_up_reward(completions, person, environments=None, **kwargs) -> list[float | None]:
+    """0.5 when the episode looked the right person up (read from its environment, as under TRL); no opinion (None)
+    on a completion that had no environment (asymre's start-up preflight scores the reference answers alone)."""
+    if environments is None:
+        return [None] * len(completions)
+    return [0.5 * (p in env.lookups) if env is not None else None for p, env in zip(person, environments)]
