@@ -197,12 +197,15 @@ def call_tools(calls: list[tuple[ToolCall | ToolFault, dict[str, Callable]]], ti
     return out  # type: ignore[return-value]
 
 
+def settle(value):
+    """`value`, or what it resolves to when it is awaitable (an `async def` tool or get_reward), on its own event loop
+    in this thread."""
+    return asyncio.run(_await(value)) if inspect.isawaitable(value) else value
+
+
 def _run(fn: Callable, args: dict, box: dict) -> None:
     try:
-        value = fn(**args)
-        if inspect.isawaitable(value):
-            value = asyncio.run(_await(value))
-        box["value"] = value
+        box["value"] = settle(fn(**args))
     except BaseException as e:  # noqa: BLE001 - a tool's failure is data for the model
         box["error"] = e
 

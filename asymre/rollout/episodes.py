@@ -24,14 +24,13 @@ raises drops that sample (an empty trajectory the learner skips) with one warnin
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from asymre.data import Prompt, Trajectory, TrajectoryGroup
+from asymre.envs import settle
 from asymre.rollout.base import SamplingSpec, derive_seed
 
 log = logging.getLogger("asymre.episodes")
@@ -86,8 +85,9 @@ class _Runtime:
 
     tools: dict
     classes: dict
-    schemas: list
+    schemas: list  # the plain tools' JSON schemas, in rollout.tools order
     parser: Any
+    class_schemas: dict = field(default_factory=dict)  # environment class -> its methods' schemas (built once)
 
 
 _RUNTIMES: dict[tuple, _Runtime] = {}
@@ -163,6 +163,8 @@ def run_episodes(engine, prompts: list[Prompt], spec: SamplingSpec) -> list[Traj
         schemas.append(p_schemas)
     ids = encode_episode_prompts(tok, shown, engine.max_prompt_tokens, engine.chat_template_kwargs, ep, schemas)
     first = engine.sample(ids, replace(spec, max_new_tokens=min(spec.max_new_tokens, budget)))
+    if not ep.multi_turn:  # the one-turn episode: today's single completion, unchanged
+        return _groups(prompts, ids, episodes, first, engine.version, ep, spec.logprobs)
     flat: list[_Episode] = []
     for group, pid, samples in zip(episodes, ids, first):
         for e, s in zip(group, samples):
@@ -170,8 +172,6 @@ def run_episodes(engine, prompts: list[Prompt], spec: SamplingSpec) -> list[Traj
             if e.dropped is None:
                 _take_turn(e, s, spec.logprobs)
             flat.append(e)
-    if not ep.multi_turn:  # the one-turn episode: today's single completion, unchanged
-        return _groups(prompts, ids, episodes, first, engine.version, ep, spec.logprobs)
     eos = getattr(engine, "eos", None) or _eos(tok)
     turn = 1
     while True:
@@ -194,10 +194,7 @@ def run_episodes(engine, prompts: list[Prompt], spec: SamplingSpec) -> list[Traj
     for e in flat:
         if e.env is not None and e.dropped is None and callable(getattr(e.env, "get_reward", None)):
             try:
-                value = e.env.get_reward()
-                if inspect.isawaitable(value):  # an async get_reward (e.g. an LLM judge), as TRL allows
-                    value = asyncio.run(_await(value))
-                e.env_reward = float(value)
+                e.env_reward = float(settle(e.env.get_reward()))  # an async get_reward (an LLM judge) too, as TRL allows
             except Exception as err:  # noqa: BLE001 - counted like a reward function's failure: the sample keeps its other rewards
                 log.warning("%s.get_reward raised %s: %s", type(e.env).__name__, type(err).__name__, err)
     return _groups(prompts, ids, episodes, first, engine.version, ep, spec.logprobs)
@@ -241,8 +238,10 @@ def _start_group(p: Prompt, n: int, ep: EpisodeSpec, rt: _Runtime | None) -> tup
         messages = [dict(m) for m in p.messages]
         messages[-1]["content"] = messages[-1]["content"] + observation
         shown = replace(p, messages=messages)
-    live = next((e for e in group if e.dropped is None), group[0])
-    return group, shown, [schema(f) for f in live.tools.values()]
+    live = next((e for e in group if e.dropped is None), None)
+    if cls is not None and cls not in rt.class_schemas and live is not None:
+        rt.class_schemas[cls] = [schema(f) for name, f in live.tools.items() if name not in rt.tools]
+    return group, shown, rt.schemas + rt.class_schemas.get(cls, [])
 
 
 def _row(p: Prompt, drop: str | None) -> dict:
@@ -252,10 +251,6 @@ def _row(p: Prompt, drop: str | None) -> dict:
     if drop:
         row.pop(drop, None)
     return row
-
-
-async def _await(aw):
-    return await aw
 
 
 def _take_turn(e: _Episode, s: Trajectory, logprobs: bool) -> None:
