@@ -28,7 +28,7 @@ def _eval(a) -> int:
     overrides = list(a.overrides) + ([f"model.name={a.model}"] if a.model else [])
     cfg = load_config(a.config, overrides)
     scorer = RewardScorer.from_config(cfg)
-    _, prompts = build_task(cfg.task)
+    _, prompts = build_task(cfg.task, cfg.rollout.tool_parser)
     check_model_name(cfg.model.name)
     check_rollout_config(cfg)
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)

@@ -64,8 +64,20 @@ class ModelConfig:
 
 
 @dataclass
+class FactsConfig:
+    num_people: int = _f(64, "Facts task: people in the database (trained and held out), 4 facts each.", "[2, inf)")
+    seed: int = _f(0, "Facts task: the database's and the split's seed (the same seed always gives the same database).")
+    held_out_share: float = _f(0.5, "Facts task: share of the people held out (never named by a training prompt).", "(0, 1)")
+    attributes: list[str] = _f(["birth_date", "birth_place", "address", "occupation"], "Facts task: the attributes asked about.")
+    mode: str = _f("in_tool", "Facts task: 'in_tool' (the policy may call lookup(name, attribute): rollout.environment="
+                              "asymre.tasks.facts:FactsDatabase) or 'in_weight' (no tool: answered from the weights).")
+    eval_on: str = _f("held_out", "Facts task: evaluate on 'held_out' people (never trained on) or 'trained' people (recall).")
+
+
+@dataclass
 class TaskConfig:
-    name: str = _f("arithmetic", "Task: 'arithmetic' (built in), 'gsm8k', 'math', or 'file'.")
+    name: str = _f("arithmetic", "Task: 'arithmetic' (built in), 'facts' (built in: people's facts, in-tool or in-weight), 'gsm8k', "
+                                 "'math', or 'file'.")
     path: str | None = _f(None, "Dataset (gsm8k, math, file tasks): hub id, local JSONL/parquet file, or folder with train/test files.")
     subset: str | None = _f(None, "Hub dataset config name, e.g. 'main' for openai/gsm8k.")
     eval_path: str | None = _f(None, "Held-out data, if not the 'test' split of task.path.")
@@ -79,6 +91,7 @@ class TaskConfig:
     answer_column: str = _f("answer", "File task: the column holding the reference answer (also passed to rewards as `answer`).")
     chat_template_kwargs: dict[str, Any] = _f({}, "Extra arguments to the tokenizer's chat template, e.g. {enable_thinking: false}.")
     seed: int = _f(0, "Seed for building and shuffling the task's prompts.")
+    facts: FactsConfig = field(default_factory=FactsConfig)
 
 
 @dataclass
@@ -175,6 +188,18 @@ class LearnerConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    steps: int = _f(0, "Supervised warm-start before RL: learner steps on demonstrations, each trained with advantage 1 "
+                       "(supervised fine-tuning, through the same learner; 0 = off). Colocated mode.", "[0, inf)")
+    data: str = _f("task", "Demonstrations: 'task' (the task's own: the facts task writes expert episodes) or a JSONL file with "
+                           "a `messages` column of whole conversations (TRL's conversational SFT format); only assistant "
+                           "turns are trained.")
+    lr: float = _f(1e-4, "AdamW learning rate of the warm-start steps (the learner's optimiser; its schedule is not stepped).", "(0, inf)")
+    batch_size: int = _f(16, "Demonstrations per warm-start step.", "[1, inf)")
+    size: int = _f(0, "Demonstrations drawn from the training prompts ('task'; 0 = one per training prompt).", "[0, inf)")
+
+
+@dataclass
 class SyncConfig:
     interval: int = _f(250, "Push learner weights to the engines every N learner steps (the paper's N = 250).", "[1, inf)")
     method: str = _f("auto", "'auto' (inprocess when colocated, else disk), 'inprocess' (colocated engine), 'broadcast' "
@@ -240,6 +265,7 @@ class Config:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -260,7 +286,9 @@ _CHOICES = {
     "sync.method": {"auto", "inprocess", "broadcast", "disk"},
     "eval.preset": {"greedy", "paper"},
     "reward.scale": {"01", "pm1"},
-    "task.name": {"arithmetic", "gsm8k", "math", "file"},
+    "task.name": {"arithmetic", "facts", "gsm8k", "math", "file"},
+    "task.facts.mode": {"in_tool", "in_weight"},
+    "task.facts.eval_on": {"held_out", "trained"},
 }
 
 
@@ -330,7 +358,7 @@ def validate(cfg: Config) -> Config:
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {sorted(choices)}")
     _check_ranges(cfg)
-    if cfg.task.name != "arithmetic" and not cfg.task.path:
+    if cfg.task.name not in ("arithmetic", "facts") and not cfg.task.path:
         raise ConfigError(f"task.name={cfg.task.name} needs task.path (a hub id, or a local JSONL/parquet file or folder)")
     bad_urls = [u for u in cfg.rollout.server_urls if not u.startswith(("http://", "https://"))]
     if bad_urls:
@@ -357,6 +385,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"buffer.max_staleness={cfg.buffer.max_staleness} is below sync.interval - 1 = {cfg.sync.interval - 1}: "
                           "between two weight pushes the engine's groups grow that stale, so the learner would starve")
     check_buffer_capacity(cfg)
+    if cfg.warm_start.steps and cfg.rollout.mode != "colocated":
+        raise ConfigError("warm_start.steps: the warm-start trains before the first weight push, which only a colocated engine "
+                          "waits for (async workers generate from the start): use rollout.mode=colocated, or warm-start in a "
+                          "colocated run and start the async run from its final_model")
+    if cfg.task.name == "facts" and cfg.task.facts.mode == "in_weight" and (cfg.rollout.tools or cfg.rollout.environment):
+        raise ConfigError("task.facts.mode=in_weight trains without a tool, but rollout.tools / rollout.environment give one: "
+                          "use task.facts.mode=in_tool, or drop the tool")
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.funcs):
         raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} entries for {len(cfg.reward.funcs)} reward.funcs")
     if len(cfg.learner.betas) != 2:

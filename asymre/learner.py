@@ -152,7 +152,9 @@ class Learner:
         self.last_batch: StepBatch | None = None  # the last step's samples and advantages (completions log)
 
     # ---- advantages over the whole step ----------------------------------------------------------
-    def build_batch(self, groups: list[TrajectoryGroup]) -> StepBatch:
+    def build_batch(self, groups: list[TrajectoryGroup], supervised: bool = False) -> StepBatch:
+        """The step's samples and advantages; `supervised`: demonstrations, each with advantage 1 and no baseline (the
+        policy-gradient loss is then the negative log-likelihood of their model tokens: supervised fine-tuning)."""
         seqs, comp_lens, rewards, gids, old, uids, refs, masks = [], [], [], [], [], [], [], []
         for group_index, g in enumerate(groups):
             scored = [(j, t) for j, t in enumerate(g.trajectories) if t.reward is not None and t.completion_ids]
@@ -173,11 +175,14 @@ class Learner:
         r = torch.tensor(rewards, dtype=torch.float32)  # [B]
         g = torch.tensor(gids, dtype=torch.long)  # [B]
         lc = self.cfg.loss
+        prompt_lens = [len(s) - c for s, c in zip(seqs, comp_lens)]
+        if supervised:
+            return StepBatch(seqs, comp_lens, r, torch.ones_like(r), torch.zeros_like(r), None, refs, prompt_lens, gids,
+                             masks if any(m is not None for m in masks) else None)
         needs_old = lc.name in NEEDS_BEHAVIOUR_LOGPROBS
         if needs_old and any(x is None for x in old):
             raise ValueError(f"loss.name={lc.name} needs behaviour log-probs, but the generation backend returned none")
         a = ADVANTAGES[lc.name](lc, r, g, self.step, self.running, uids)  # [B] advantages, [B] baseline or None
-        prompt_lens = [len(s) - c for s, c in zip(seqs, comp_lens)]
         return StepBatch(seqs, comp_lens, r, a.advantages, a.baseline, old if needs_old else None, refs, prompt_lens, gids,
                          masks if any(m is not None for m in masks) else None)
 
@@ -192,7 +197,7 @@ class Learner:
             return nullcontext()
         return torch.autocast(device_type=acc.device.type, dtype=self.compute_dtype)
 
-    def _micro_loss(self, batch: StepBatch, idx: list[int], normalizer: float):
+    def _micro_loss(self, batch: StepBatch, idx: list[int], normalizer: float, loss_name: str):
         dev = self.accelerator.device
         if self.shared_prompt:
             logp, ent, mask, old = shared_prompt_logps(self.model, self.unwrapped(), self._autocast, batch, idx, self.pad_id, dev)
@@ -204,14 +209,18 @@ class Learner:
         lc = self.cfg.loss
         adv = batch.advantages[sel].to(logp.device)  # [b]
         base = batch.baseline[sel].to(logp.device) if batch.baseline is not None else None  # [b]
-        loss, m = LOSSES[lc.name](logp, mask, adv, base, old, clip_eps=lc.clip_eps, aggregation=lc.aggregation, normalizer=normalizer)
+        loss, m = LOSSES[loss_name](logp, mask, adv, base, old, clip_eps=lc.clip_eps, aggregation=lc.aggregation, normalizer=normalizer)
         m["loss/entropy"] = entropy
         return loss, m
 
-    def train_step(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
-        """One optimiser step on `groups` (this rank's share). Returns metrics."""
+    def train_step(self, groups: list[TrajectoryGroup], supervised: bool = False) -> dict[str, float]:
+        """One optimiser step on `groups` (this rank's share). Returns metrics. `supervised` (the warm-start,
+        asymre/warm_start.py): the groups are demonstrations trained with advantage 1 by the REINFORCE loss (= their
+        negative log-likelihood), whatever loss.name; the learner's version and LR schedule do not move."""
         t0 = time.perf_counter()
-        batch = self.last_batch = self.build_batch(groups)
+        batch = self.build_batch(groups, supervised)
+        if not supervised:
+            self.last_batch = batch
         lc, acc = self.cfg.loss, self.accelerator
         normalizer = len(batch.seqs) if lc.aggregation == "seq_mean" else float(batch.trained_tokens)
         budget = self.cfg.learner.micro_batch_tokens
@@ -235,7 +244,7 @@ class Learner:
                 ctx = acc.no_sync(self.model) if (not last and self.skip_sync) else nullcontext()
                 with ctx:
                     t1 = time.perf_counter()
-                    loss, m = self._micro_loss(batch, idx, normalizer)
+                    loss, m = self._micro_loss(batch, idx, normalizer, "reinforce" if supervised else lc.name)
                     acc.backward(loss * weight)
                     fwd_bwd += time.perf_counter() - t1
                 if weight:
@@ -249,10 +258,12 @@ class Learner:
         if self.cfg.learner.max_grad_norm > 0:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm))
         self.optimizer.step()
-        self.scheduler.step()
+        if not supervised:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         opt_s = time.perf_counter() - t_opt
-        self.step += 1
+        if not supervised:
+            self.step += 1
         secs = time.perf_counter() - t0
         metrics = {k: v / len(batch.seqs) for k, v in sums.items()}
         metrics.update({

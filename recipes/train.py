@@ -41,6 +41,7 @@ from asymre.sizing import warn_if_memory_short
 from asymre.sync import WeightSync
 from asymre.tasks import build_task
 from asymre.tracking import MetricsLogger, check_trackers
+from asymre.warm_start import demonstration_groups, warm_start
 
 log = logging.getLogger("asymre")
 
@@ -65,6 +66,7 @@ class AsymRERecipe:
         lg = cfg.logging
         self.monitor = CollapseMonitor(lg.collapse_entropy, lg.collapse_distinct, lg.collapse_reward_drop)
         self.resumed_from: str | None = None
+        self.warm_started: dict[str, float] = {}
         # built by setup(); closed by cleanup(), which also runs after a setup that failed half way
         self.scorer: RewardScorer | None = None
         self.metrics: MetricsLogger | None = None
@@ -76,7 +78,7 @@ class AsymRERecipe:
         set_seed(cfg.learner.seed + acc.process_index)
         # Bad input fails here, before any model loads: reward names, task files, model name, engine settings, run folder.
         self.scorer = RewardScorer.from_config(cfg)
-        train, self.eval_prompts = build_task(cfg.task)
+        train, self.eval_prompts = build_task(cfg.task, cfg.rollout.tool_parser)
         if cfg.reward.preflight:  # a reward that can never pay (or breaks the contract) stops here
             t0 = time.perf_counter()
             paid = preflight(self.scorer, train, cfg.task.answer_column if cfg.task.name == "file" else "answer")
@@ -94,6 +96,9 @@ class AsymRERecipe:
             warn_if_memory_short(cfg, model_path, acc)  # on a GPU, before the model loads: a rough estimate, never a stop
         tokenizer = check_episodes(cfg, model_path)  # tools, environments, the chat template's tool turns; also on every rank
         self.learner = Learner(cfg, model_path, acc, tokenizer)
+        # the warm-start's demonstrations, rendered now: a bad file or row stops the run before any training
+        self.demonstrations = demonstration_groups(cfg, tokenizer, train, acc.process_index, acc.num_processes) \
+            if cfg.warm_start.steps else []
         # a colocated rank's engine needs the whole weights on that rank (under FSDP too); gathered in the engines' dtype
         weights = partial(self.learner.full_state_dict, everywhere=cfg.rollout.mode == "colocated", dtype=torch_dtype(cfg.model.dtype))
         self.rollout = make_rollout(cfg, acc, model_path, train, WeightSync.from_config(cfg, self.run_dir), weights,
@@ -173,6 +178,19 @@ class AsymRERecipe:
         self.acc.wait_for_everyone()
         return out
 
+    def _warm_start(self) -> None:
+        """warm_start.steps supervised steps on demonstrations (asymre/warm_start.py), then the engine gets the result
+        (still version 0: the RL's behaviour policy starts from the warm-started one) and, with eval.at_start, an
+        evaluation under warm_start/eval/*: the warm-start's gain and the RL's are reported apart."""
+        m = warm_start(self.learner, self.cfg, self.demonstrations)
+        m["sync/seconds"] = self.rollout.push(self.learner.step)
+        log.info("warm-start: %d steps on %d demonstrations in %.1f s, last loss %.3f", self.cfg.warm_start.steps,
+                 len(self.demonstrations), m["warm_start/seconds"], m["warm_start/loss_last"])
+        if self.cfg.eval.at_start:
+            m.update({f"warm_start/{k}": v for k, v in self._evaluate("after warm-start").items()})
+        self.metrics.log(m, step=0)
+        self.warm_started = m
+
     def _stop_on_reward_error(self, e: RewardError) -> RewardError:
         """A reward that broke its contract (or failed on every sample) mid-run: the state of the last learner step is
         checkpointed (collective), so the run continues with resume=auto once the function is fixed; returns the
@@ -196,6 +214,8 @@ class AsymRERecipe:
         first = self._evaluate("start") if cfg.eval.at_start and self.resumed_from is None else {}
         if first:
             self.metrics.log(first, step=0)
+        if cfg.warm_start.steps and self.resumed_from is None:  # a resumed run's weights have had it
+            self._warm_start()
         bar = tqdm(total=cfg.learner.steps, initial=learner.step, desc="asymre", disable=not (self.main and cfg.logging.progress),
                    dynamic_ncols=True)
         t_start = time.perf_counter()
@@ -246,6 +266,8 @@ class AsymRERecipe:
         summary = {"train/seconds": time.perf_counter() - t_start}
         if first and last:
             summary.update({"eval/pass@1_start": first["eval/pass@1"], "eval/pass@1_end": last["eval/pass@1"]})
+        if "warm_start/eval/pass@1" in self.warm_started:
+            summary["eval/pass@1_after_warm_start"] = self.warm_started["warm_start/eval/pass@1"]
         return summary
 
     # ---------------------------------------------------------------------------------------- cleanup

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.mutations            # apply each mutation, run its tests, report caught / survived
     .venv/bin/python -m tests.mutations --list     # the table only
+    .venv/bin/python -m tests.mutations --only facts   # the mutations whose description or file names 'facts'
 
 Each entry names the line it breaks (the exact text, so an entry whose line moved or changed fails
 `tests/test_mutations.py` in the fast tier and gets updated with the code), what the break means, and the tests
@@ -37,7 +38,8 @@ MUTATIONS = [
     Mutation("the learner puts every sample of a step in one group", "asymre/learner.py", "                gids.append(gi)",
              "                gids.append(0)", ("tests/test_learner.py::test_step_baselines_written_out_by_hand",)),
     Mutation("train_step passes no normaliser (each micro-batch averages itself)", "asymre/learner.py",
-             "loss, m = self._micro_loss(batch, idx, normalizer)", "loss, m = self._micro_loss(batch, idx, None)",
+             'loss, m = self._micro_loss(batch, idx, normalizer, "reinforce" if supervised else lc.name)',
+             'loss, m = self._micro_loss(batch, idx, None, "reinforce" if supervised else lc.name)',
              ("tests/test_learner.py::test_train_step_gradient_is_the_whole_batch_loss_gradient",
               "tests/test_learner.py::test_micro_batching_equals_full_batch_gradient")),
     Mutation("a checkpoint saves the learner's weights instead of the lagging engine's behaviour weights", "recipes/train.py",
@@ -91,6 +93,19 @@ MUTATIONS = [
              "        return sum(c if m is None else sum(m) for c, m in zip(self.completion_lens, self.masks))",
              "        return sum(self.completion_lens)",
              ("tests/test_learner.py::test_multi_turn_episode_gradient_trains_the_models_tokens_only",)),
+    Mutation("the facts split trains on the held-out people too", "asymre/tasks/facts.py",
+             "    return order[n_held:], order[:n_held]", "    return order, order[:n_held]",
+             ("tests/tasks/test_facts.py::test_held_out_people_are_never_named_by_a_training_prompt",)),
+    Mutation("the facts reward matches a value inside a longer word", "asymre/tasks/facts.py",
+             'out.append(float(f" {normalise(str(a))} " in f" {normalise(_final_text(c))} "))',
+             'out.append(float(normalise(str(a)) in normalise(_final_text(c))))',
+             ("tests/tasks/test_facts.py::test_the_reward_normalises_and_matches_whole_values_in_the_final_answer",)),
+    Mutation("a demonstration trains the tool's result too", "asymre/warm_start.py",
+             "            seg, flag = full[len(ids):], 0", "            seg, flag = full[len(ids):], 1",
+             ("tests/tasks/test_facts.py::test_demonstrations_are_the_episodes_the_loop_records_token_for_token",)),
+    Mutation("the warm-start's supervised step weighs demonstrations by their reward, not advantage 1", "asymre/learner.py",
+             "return StepBatch(seqs, comp_lens, r, torch.ones_like(r),", "return StepBatch(seqs, comp_lens, r, r,",
+             ("tests/test_learner.py::test_a_supervised_step_is_the_negative_log_likelihood_of_the_models_tokens",)),
     Mutation("the learner steps AdamW on bf16 parameters (updates at the paper's lr vanish)", "asymre/learner.py",
              'model = load_model(model_path, "float32")', "model = load_model(model_path, cfg.model.dtype)",
              ("tests/test_learner.py::test_bf16_learner_keeps_float32_master_weights_and_learns_at_the_papers_lr",)),
@@ -154,9 +169,10 @@ def run(m: Mutation) -> bool:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--list", action="store_true", help="print the table, run nothing")
+    p.add_argument("--only", default="", help="only the mutations whose description or file contains this text")
     a = p.parse_args()
     survived = []
-    for m in MUTATIONS:
+    for m in [m for m in MUTATIONS if a.only in m.what or a.only in m.path]:
         tier = "fast" if m.fast else "slow"
         if a.list:
             print(f"- {m.what} ({m.path}; {tier}): {', '.join(m.tests)}")

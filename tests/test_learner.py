@@ -422,3 +422,27 @@ def test_multi_turn_episode_gradient_trains_the_models_tokens_only(tiny_model_pa
     got = captured["g"]
     assert torch.linalg.norm(got - want) <= 1e-4 * torch.linalg.norm(want)
     assert torch.linalg.norm(got - wrong) > 1e-2 * torch.linalg.norm(wrong)  # the mask really matters on this batch
+
+
+def test_a_supervised_step_is_the_negative_log_likelihood_of_the_models_tokens(tiny_model_path):
+    """The warm-start's step (asymre/warm_start.py): advantage 1 whatever the reward and loss.name (GRPO here, which
+    would need behaviour log-probs), the loss the mean over demonstrations of their model tokens' summed NLL; the
+    learner's version and LR schedule stay put."""
+    learner = _learner(tiny_model_path, **{"loss.name": "grpo", "learner.lr_schedule": "linear", "learner.steps": 4})
+    groups = _episode_groups(n_groups=3, g=1)
+    for g in groups:
+        for t in g.trajectories:
+            t.reward, t.logprobs = 0.0, None  # a demonstration: no reward of its own, no behaviour log-probs
+    batch = learner.build_batch(groups, supervised=True)
+    assert batch.advantages.tolist() == [1.0] * 3 and batch.baseline.tolist() == [0.0] * 3
+    with torch.no_grad():
+        nll = 0.0
+        for s, c, m in zip(batch.seqs, batch.completion_lens, batch.masks):
+            x = torch.tensor([s])
+            lp = token_logprobs(learner.unwrapped()(x).logits[:, :-1], x[:, 1:])[0, -c:]
+            nll -= float((lp * torch.tensor(m, dtype=lp.dtype)).sum())
+    lr = learner.scheduler.get_last_lr()[0]
+    m = learner.train_step(groups, supervised=True)
+    assert m["loss/value"] == pytest.approx(nll / 3, rel=1e-5)
+    assert learner.step == 0 and learner.scheduler.get_last_lr()[0] == lr and learner.last_batch is None
+    assert learner.optimizer_steps() == 1  # the weights did move

@@ -22,12 +22,14 @@ HARDWARE = ["model.name=smollm2-135m-instruct", "model.dtype=float32", "rollout.
 # What makes two steps take seconds instead of hours; nothing here changes what a step computes.
 CPU_SCALE = ["learner.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=2", "learner.groups_per_step=2",
              "rollout.max_new_tokens=24", "rollout.max_prompt_tokens=384", "eval.max_new_tokens=24", "task.eval_size=2",
-             "learner.micro_batch_tokens=1024", "logging.progress=false"]
+             "learner.micro_batch_tokens=1024", "logging.progress=false", "warm_start.batch_size=2"]
 # The hub datasets the recipes name, as small committed files in the same formats.
 DATA_FIXTURES = {"DigitalLearningGmbH/MATH-lighteval": DATA / "math_train.jsonl", "HuggingFaceH4/MATH-500": DATA / "math500_test.jsonl"}
 
 CONFIGS = ["recipes/configs/smollm2_arithmetic_cpu.yaml", "recipes/configs/qwen2.5_3b_math_1gpu.yaml",
-           "recipes/configs/llama3.1_8b_math_8gpu.yaml", "examples/conversational/config.yaml", "examples/tool_use/config.yaml"]
+           "recipes/configs/llama3.1_8b_math_8gpu.yaml", "recipes/configs/smollm2_facts_intool_cpu.yaml",
+           "recipes/configs/smollm2_facts_inweight_cpu.yaml", "recipes/configs/smollm2_1.7b_facts_1gpu.yaml",
+           "examples/conversational/config.yaml", "examples/tool_use/config.yaml"]
 # Examples that are a config plus overrides (their own launch line): (config, overrides) as the example runs it.
 EXAMPLE_RUNS = {"examples/custom_reward.py": "examples.custom_reward"}
 
@@ -44,8 +46,10 @@ def test_every_shipped_config_is_run_here():
 
 
 def _data_overrides(path: str) -> list[str]:
+    """The data path, to a committed fixture; and a warm-start of 2 steps where the config has one (its demonstrations
+    come from the task, so it has no data path to swap)."""
     cfg = load_config(ROOT / path)
-    out = []
+    out = ["warm_start.steps=2"] if cfg.warm_start.steps else []
     for key in ("path", "eval_path"):
         value = getattr(cfg.task, key)
         if value in DATA_FIXTURES:
@@ -116,6 +120,10 @@ def test_recipe_runs_end_to_end(path, own, tmp_path, vllm_engine, monkeypatch):
     assert all(r["reward/dropped"] == 0 and math.isfinite(r["loss/value"]) for r in steps), steps
     assert len(evals) == 2 and all(r["eval/dropped"] == 0 for r in evals)  # the recipe's reward scores its eval set
     assert {"eval/pass@1_start", "eval/pass@1_end"} <= set(summary)
+    if cfg.warm_start.steps:  # the warm-start ran before the first step, and was evaluated apart
+        (warm,) = [r for r in records if "warm_start/seconds" in r]
+        assert warm["step"] == 0 and warm["warm_start/steps"] == 2 and math.isfinite(warm["warm_start/loss_last"])
+        assert "eval/pass@1_after_warm_start" in summary
     assert all(f"reward/{spec}_mean" in r for spec in cfg.reward.funcs for r in steps)
     assert all(r["rollout/completion_len_min"] <= r["rollout/completion_len"] <= r["rollout/completion_len_max"] for r in steps)
     assert (tmp_path / "run" / "final_model" / "config.json").is_file()

@@ -8,6 +8,9 @@ asymre/rollout/episodes.py). Parsers:
   `tokenizer.parse_response`: the chat template's own tool format), else `hermes`.
 - `hermes`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes, Qwen2.5/3, and asymre's shipped
   `chatml-tools` template for SmolLM2); `arguments` may also be a JSON string, as OpenAI's form has it.
+- `find`: the text syntax of Houliston et al. (arXiv 2508.20755), a fenced block ```` ```\nFIND <attribute> FOR <name>\n``` ````,
+  read as a call to a tool `lookup(name, attribute)`; the prompt teaches it (asymre/tasks/facts.py), so the chat template
+  need not render tool schemas.
 - `pkg.module:function`: a user's own, `f(text) -> (content, calls)` with calls as dicts {"name", "arguments"}.
 """
 
@@ -78,6 +81,36 @@ def call_from_dict(obj: Any, raw: str = "") -> ToolCall | ToolFault:
     return ToolCall(obj["name"], args)
 
 
+_FENCE = re.compile(r"```[a-z]*[ \t]*\n?(.*?)(?:```|$)", re.DOTALL)
+_FIND = re.compile(r"FIND\s+(\S+)\s+FOR\s+(.+)", re.DOTALL)
+
+
+def find(text: str) -> tuple[str, list[ToolCall | ToolFault]]:
+    """Fenced blocks that start with FIND: each a `lookup(name, attribute)` call; a FIND block without both parts a
+    `bad_arguments` fault. Other fenced blocks are plain text."""
+    calls: list[ToolCall | ToolFault] = []
+    spans = []
+    for m in _FENCE.finditer(text):
+        body = m.group(1).strip()
+        if not body.upper().startswith("FIND"):
+            continue
+        spans.append(m.span())
+        q = _FIND.fullmatch(" ".join(body.split()))
+        if q is None:
+            calls.append(ToolFault("bad_arguments", f"Error: write the query as FIND <attribute> FOR <full name>, got: {body[:200]}",
+                                   "lookup"))
+        else:
+            calls.append(ToolCall("lookup", {"name": q.group(2).strip(), "attribute": q.group(1).strip()}))
+    content = text
+    for a, b in reversed(spans):
+        content = content[:a] + content[b:]
+    return content.strip(), calls
+
+
+# Parsers whose call syntax the prompt teaches, not the chat template's tool schemas: the template need not render them.
+TEXT_SYNTAX = {"find"}
+
+
 def has_response_parser(tokenizer) -> bool:
     """The tokenizer carries its template's response format: transformers 5.19 `response_template` (or the legacy
     `response_schema` of earlier 5.x)."""
@@ -103,7 +136,7 @@ def schema_parser(tokenizer) -> Callable[[str], tuple[str, list[ToolCall | ToolF
     return parse
 
 
-PARSERS: dict[str, Callable[[str], tuple[str, list[ToolCall | ToolFault]]]] = {"hermes": hermes}
+PARSERS: dict[str, Callable[[str], tuple[str, list[ToolCall | ToolFault]]]] = {"hermes": hermes, "find": find}
 
 
 def make_parser(name: str, tokenizer) -> Callable[[str], tuple[str, list[ToolCall | ToolFault]]]:

@@ -70,8 +70,10 @@ def environment_suffix(tokenizer, tool_messages: list[dict], eos: set[int], temp
     return full[cut:]
 
 
-def check_template(tokenizer, eos: set[int], model: str, template: str | None = None, kwargs: dict | None = None) -> None:
-    """Start-up: the template renders tool turns as a continuation (the prefix property), for `model`'s tokenizer."""
+def check_template(tokenizer, eos: set[int], model: str, template: str | None = None, kwargs: dict | None = None,
+                   shows_tools: bool = True) -> None:
+    """Start-up: the template renders tool turns as a continuation (the prefix property), for `model`'s tokenizer; and,
+    unless the prompt teaches the call syntax itself (`shows_tools=False`: the `find` parser), it shows the tools."""
     name = "model.chat_template" if template else f"{model}'s own chat template"
     tool = {"role": "tool", "name": "get_weather", "content": "sunny, 21 C"}
     try:
@@ -83,7 +85,7 @@ def check_template(tokenizer, eos: set[int], model: str, template: str | None = 
     except Exception as e:
         raise ConfigError(f"{name} cannot render a tool call and a tool turn for {model} ({type(e).__name__}: {e}); set "
                           "model.chat_template to a tool-capable template (chatml-tools for ChatML models such as SmolLM2)") from e
-    if "get_weather" not in tokenizer.decode(prompt):
+    if shows_tools and "get_weather" not in tokenizer.decode(prompt):
         raise ConfigError(f"{name} does not show the tools to {model} (apply_chat_template(tools=...) renders no schema): set "
                           "model.chat_template to a tool-capable template (chatml-tools for ChatML models such as SmolLM2)")
     if tokenizer.decode(with_tool).count("sunny, 21 C") != 1:

@@ -113,12 +113,20 @@ def length_penalty(prompts: list[str], completions: list[str], max_chars: int = 
     return [-min(len(c) / max_chars, 1.0) for c in completions]
 
 
+def facts(prompts: list[str], completions: list, answer: list[str] | None = None, **kw) -> list[float | None]:
+    """The facts task's reward (asymre/tasks/facts.py): the attribute's value appears in the final answer, normalised."""
+    from asymre.tasks.facts import facts_reward
+
+    return facts_reward(prompts, completions, answer, **kw)
+
+
 REGISTRY = {
     "numeric": numeric,
+    "facts": facts,
     "first_number": first_number,
     "math_verify": math_verify,
     "boxed_format": boxed_format,
     "just_number_format": just_number_format,
     "length_penalty": length_penalty,
 }
-BINARY = {"numeric", "first_number", "math_verify", "boxed_format", "just_number_format"}
+BINARY = {"facts", "numeric", "first_number", "math_verify", "boxed_format", "just_number_format"}

@@ -126,7 +126,7 @@ def check_episodes(cfg, model_path: str):
     with the final model."""
     from asymre.config import ConfigError
     from asymre.envs import check_environment, load_environments, load_tools
-    from asymre.envs.parsing import make_parser
+    from asymre.envs.parsing import TEXT_SYNTAX, make_parser
     from asymre.envs.templates import check_template, resolve_chat_template
     from asymre.models import load_tokenizer
     from asymre.rollout.base import eos_token_ids
@@ -150,5 +150,6 @@ def check_episodes(cfg, model_path: str):
     if ro.max_episode_tokens and ro.max_episode_tokens < ro.max_new_tokens:
         raise ConfigError(f"rollout.max_episode_tokens={ro.max_episode_tokens} is below rollout.max_new_tokens={ro.max_new_tokens} "
                           "(the cap of one model turn): raise it, or leave it 0 (max_new_tokens x max_turns)")
-    check_template(tok, eos_token_ids(tok), cfg.model.name, template, dict(cfg.task.chat_template_kwargs))
+    check_template(tok, eos_token_ids(tok), cfg.model.name, template, dict(cfg.task.chat_template_kwargs),
+                   shows_tools=ro.tool_parser not in TEXT_SYNTAX)
     return tok

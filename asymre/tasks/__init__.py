@@ -5,16 +5,21 @@ from __future__ import annotations
 from asymre.data import Prompt
 
 
-def build_task(task) -> tuple[list[Prompt], list[Prompt]]:
-    """`task` is a `TaskConfig`. Dispatches on `task.name`."""
+def build_task(task, tool_parser: str = "find") -> tuple[list[Prompt], list[Prompt]]:
+    """`task` is a `TaskConfig`. Dispatches on `task.name`; the facts task's prompt teaches `tool_parser`'s call syntax
+    (rollout.tool_parser)."""
     if task.name == "arithmetic":
         from asymre.tasks import arithmetic
 
         return arithmetic.build(task.train_size, task.eval_size, task.max_operand, list(task.operations), task.seed,
                                 task.system_prompt, task.template)
+    if task.name == "facts":
+        from asymre.tasks import facts
+
+        return facts.build(task, tool_parser)
     if task.name in ("gsm8k", "math", "file"):
         return _dataset_task(task)
-    raise ValueError(f"task.name={task.name!r}: unknown task; expected arithmetic, gsm8k, math or file")
+    raise ValueError(f"task.name={task.name!r}: unknown task; expected arithmetic, facts, gsm8k, math or file")
 
 
 def _dataset_task(task) -> tuple[list[Prompt], list[Prompt]]:
