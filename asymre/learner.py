@@ -197,7 +197,7 @@ class Learner:
             return nullcontext()
         return torch.autocast(device_type=acc.device.type, dtype=self.compute_dtype)
 
-    def _micro_loss(self, batch: StepBatch, idx: list[int], normalizer: float, loss_name: str):
+    def _micro_loss(self, batch: StepBatch, idx: list[int], normalizer: float, loss_name: str | None = None):
         dev = self.accelerator.device
         if self.shared_prompt:
             logp, ent, mask, old = shared_prompt_logps(self.model, self.unwrapped(), self._autocast, batch, idx, self.pad_id, dev)
@@ -209,7 +209,7 @@ class Learner:
         lc = self.cfg.loss
         adv = batch.advantages[sel].to(logp.device)  # [b]
         base = batch.baseline[sel].to(logp.device) if batch.baseline is not None else None  # [b]
-        loss, m = LOSSES[loss_name](logp, mask, adv, base, old, clip_eps=lc.clip_eps, aggregation=lc.aggregation, normalizer=normalizer)
+        loss, m = LOSSES[loss_name or lc.name](logp, mask, adv, base, old, clip_eps=lc.clip_eps, aggregation=lc.aggregation, normalizer=normalizer)
         m["loss/entropy"] = entropy
         return loss, m
 

@@ -39,7 +39,7 @@ ROWS = [  # (overrides, the one line it prints); {d} is the folder of the data f
     (["task.name=file", "task.path={d}/no_answer.jsonl"],
      "data error: {d}/no_answer.jsonl, row 1 (0-based): missing column 'answer' (columns: ['answer', 'prompt'])"),
     (["task.name=math"], "config error: task.name=math needs task.path (a hub id, or a local JSONL/parquet file or folder)"),
-    (["task.name=mmlu"], "config error: task.name='mmlu' is not one of ['arithmetic', 'file', 'gsm8k', 'math']"),
+    (["task.name=mmlu"], "config error: task.name='mmlu' is not one of ['arithmetic', 'facts', 'file', 'gsm8k', 'math']"),
     (["model.name={d}/no_model"], "model error: model.name={d}/no_model: looked for a local folder, the embedded models "
      "(smollm2-135m-instruct) and a hub id: no such local folder, and '{d}/no_model' is not a hub id ('org/name')"),
     (["model.name=some-org/some-model"], "model error: model.name=some-org/some-model: looked for a local folder, the embedded "
@@ -48,7 +48,7 @@ ROWS = [  # (overrides, the one line it prints); {d} is the folder of the data f
     (["rollout.temperature=-1"], "config error: rollout.temperature=-1.0 must be >= 0"),
     (["rollout.top_p=1.5"], "config error: rollout.top_p=1.5 must be in (0, 1]"),
     (["learner.lr=0"], "config error: learner.lr=0.0 must be > 0"),
-    (["reward.funcs=[no_such_reward]"], "reward error: reward 'no_such_reward': not a built-in (boxed_format, first_number, "
+    (["reward.funcs=[no_such_reward]"], "reward error: reward 'no_such_reward': not a built-in (boxed_format, facts, first_number, "
      "just_number_format, length_penalty, math_verify, numeric) and not a dotted path 'pkg.module:function'"),
     (["rollout.backend=hf", "rollout.generation_kwargs={{stop: [x]}}"],
      "config error: rollout.generation_kwargs: 'stop' is unknown to the hf engine's sampling parameters"),
