@@ -99,29 +99,30 @@ def _figures(results: dict, base: dict) -> None:
         if "acc_fresh_database_512" in results["intool"]:
             ax.axhline(results["intool"]["acc_fresh_database_512"], color="C2", ls=":", label="in-tool: fresh 512-person database")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("trained people (4 facts each)")
-        ax.set_ylabel("accuracy (greedy)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7)
-        ax.set_title("SmolLM2-135M, same learner budget", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "facts_recall_vs_n.png", dpi=120)
-        plt.close(fig)
-    rows = [k for k in ("intool", "intool_dv0", "intool_dv+0.1", "intool_grpo") if k in results]
+        _save(plt, fig, ax, "trained people (4 facts each)", "accuracy (greedy)", "SmolLM2-135M, same learner budget",
+              fig_dir / "facts_recall_vs_n.png")
+    rows = [k for k in LOSS_LABELS if k in results]
     if rows:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for k in rows:
             r = results[k]["reward_mean_per_step"]
-            ax.plot(range(1, len(r) + 1), r, "o-", label=k.replace("intool", "AsymRE dV=-0.1").replace("AsymRE dV=-0.1_dv", "AsymRE dV=")
-                    .replace("AsymRE dV=-0.1_grpo", "GRPO"))
-        ax.set_xlabel("learner step (after the warm-start)")
-        ax.set_ylabel("training reward (behaviour policy)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7)
-        ax.set_title("in-tool facts, off-policy (sync.interval=2)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "facts_intool_delta_v.png", dpi=120)
-        plt.close(fig)
+            ax.plot(range(1, len(r) + 1), r, "o-", label=LOSS_LABELS[k])
+        _save(plt, fig, ax, "learner step (after the warm-start)", "training reward (behaviour policy)",
+              "in-tool facts, off-policy (sync.interval=2)", fig_dir / "facts_intool_delta_v.png")
+
+
+LOSS_LABELS = {"intool": "AsymRE dV=-0.1", "intool_dv0": "AsymRE dV=0", "intool_dv+0.1": "AsymRE dV=+0.1", "intool_grpo": "GRPO"}
+
+
+def _save(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
