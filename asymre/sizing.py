@@ -55,6 +55,9 @@ KNOWN_MODELS: dict[str, tuple[str, dict]] = {
     "meta-llama/Llama-3.1-8B-Instruct": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                                        tie_word_embeddings=False)),
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                                                          num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                                                          tie_word_embeddings=True)),
     "smollm2-135m-instruct": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                                             num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)),
 }
