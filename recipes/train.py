@@ -167,7 +167,7 @@ class AsymRERecipe:
                 try:
                     out = evaluate(engine, self.eval_prompts, self.scorer, ec.preset, ec.k, ec.max_new_tokens, seed=self.cfg.learner.seed,
                                    step=step, generation_kwargs=dict(ec.generation_kwargs), episode=episode_spec(self.cfg))
-                    log.info("eval (%s) at step %d: pass@1 = %.3f on %d held-out prompts", tag, step, out["eval/pass@1"],
+                    log.info("eval (%s) at step %d: pass@1 = %.3f on %d eval prompts", tag, step, out["eval/pass@1"],
                              len(self.eval_prompts))
                 except RewardError as e:  # the other ranks get it too, instead of waiting for the main process
                     failed = e
